@@ -1,0 +1,406 @@
+"""Pruning methods: a plain name -> function registry with one signature.
+
+Every entry of :data:`PRUNERS` is ``fn(model, sparsity, cfg) -> model``:
+
+- ``model`` is pruned **in place** (the caller hands a fresh ``copy.deepcopy`` of the
+  pretrained model; nothing here copies it) and returned. ``channel`` also works in place
+  (Torch-Pruning rewrites the layers of the same module tree).
+- ``sparsity`` is a number in [0, 1); 0 is a no-op for every method (the model is
+  returned untouched, not even re-parametrised).
+- ``cfg`` is any attribute object (the ``prune`` node of the Hydra config, a
+  :class:`sweep.config.PruneConfig`, a ``SimpleNamespace``, a dict or ``None``); the keys
+  read are ``include``, ``exclude`` (glob patterns over module names, see
+  :func:`select_convs`), ``seed`` (``random``) and ``round_to`` (``channel``).
+
+Masks are always made permanent (``torch.nn.utils.prune.remove``) before a function
+returns, so the model carries plain ``weight`` parameters with exact zeros.
+
+Methods (what they zero or remove, and what speed-up to expect):
+
+``l1_unstructured``
+    The YOLOv5 tutorial's method: in every selected Conv2d, the ``round(sparsity * n)``
+    weights of smallest magnitude are set to zero (``prune.l1_unstructured``). Dense
+    zeros: no speed-up and the same file size; only compression benefits.
+``global_l1``
+    One L1 threshold over all selected Conv2d weights together
+    (``prune.global_unstructured``): ``round(sparsity * N_total)`` zeros in all, unevenly
+    spread (layers with small weights lose more). Dense zeros: no speed-up.
+``random``
+    ``round(sparsity * n)`` weights per selected layer chosen uniformly at random
+    (``prune.random_unstructured``), seeded from ``cfg.seed`` and the layer name (a
+    layer's mask does not depend on which other layers are selected). The baseline.
+``ln_structured``
+    Whole output filters: per selected layer, the ``round(sparsity * out_channels)``
+    filters of smallest L2 norm are zeroed (``prune.ln_structured``, n=2, dim=0). The
+    tensors keep their shape (zeros are dense): no speed-up. The channel still emits its
+    bias (fused) or its BatchNorm shift (unfused), so it becomes a constant, not a zero.
+``channel``
+    Physical removal of output channels with Torch-Pruning's DepGraph
+    (``torch_pruning.pruner.BasePruner``, ``MagnitudeImportance(p=2)``, local ratio
+    ``sparsity`` per layer group, channel counts rounded to multiples of ``cfg.round_to``,
+    at least ``round_to`` channels kept). The Detect head's output convolutions are never
+    pruned (outputs keep ``no = 5 + nc`` per anchor), nor are unselected layers.
+    Tensors really shrink: fewer parameters, FLOPs, bytes and lower latency.
+
+Fused vs unfused order (``cfg.fused``): :func:`prune_model` does ``fuse -> prune``
+(True, the tutorial: the zeros are placed in the BN-folded weights) or ``prune -> fuse``
+(False: the raw conv weights are pruned; zeros survive fusion because folding BN only
+scales each output filter). The two steps are public (:func:`apply_pruning` and the
+caller's ``fuse_fn``) so a recovery step such as BatchNorm recalibration can run between
+them; ``prune_model(..., recover_fn=...)`` does exactly that.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as tprune
+
+from sweep.config import ConfigError, normalize_sparsity
+
+logger = logging.getLogger(__name__)
+
+PrunerFn = Callable[[nn.Module, float, Any], nn.Module]
+
+# The example input Torch-Pruning traces the graph with (a multiple of every YOLOv5 stride).
+CHANNEL_EXAMPLE_SHAPE = (1, 3, 256, 256)
+
+
+# --------------------------------------------------------------------------- config access
+
+
+def _opt(cfg: Any, key: str, default: Any) -> Any:
+    """``cfg.key`` for dataclasses, namespaces, DictConfig and plain dicts; default when absent/None."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _patterns(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if not isinstance(value, Iterable):
+        raise ConfigError(f"prune.{key}={value!r} is invalid: allowed is a list of glob patterns")
+    return [str(v) for v in value]
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """True when ``name`` or one of its ancestors (dotted prefixes) matches a pattern.
+
+    So ``model.24`` selects every conv inside layer 24, as ``model.24.*`` and ``model.24*``
+    do (the latter also ``model.240``...), and ``model.3.conv`` selects that one conv.
+    """
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(p, pat) for pat in patterns for p in prefixes)
+
+
+def select_convs(
+    model: nn.Module, include: Any = (), exclude: Any = ()
+) -> "OrderedDict[str, nn.Conv2d]":
+    """The ``nn.Conv2d`` modules to prune, by name, in network (registration) order.
+
+    ``include`` empty selects every Conv2d (the tutorial); otherwise a conv is selected when
+    its name, or the name of a module containing it, matches one of the ``fnmatch`` glob
+    patterns (case-sensitive). ``exclude`` then removes the convs matched the same way.
+    Examples on YOLOv5: ``exclude=["model.24.*"]`` leaves the Detect head dense,
+    ``include=["model.3.conv"]`` selects one layer, ``include=["model.1?.*"]`` layers 10-19.
+
+    Raises ConfigError when an include pattern matches no Conv2d (a typo would otherwise
+    silently turn the job into a no-op); an unmatched exclude pattern only logs a warning.
+    """
+    inc = _patterns(include, "include")
+    exc = _patterns(exclude, "exclude")
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for pat in inc:
+        if not any(_matches(n, [pat]) for n, _ in convs):
+            raise ConfigError(
+                f"prune.include pattern {pat!r} matches no Conv2d: allowed is a glob over module "
+                f"names such as {', '.join(repr(n) for n, _ in convs[:3])}"
+            )
+    for pat in exc:
+        if not any(_matches(n, [pat]) for n, _ in convs):
+            logger.warning("prune.exclude pattern %r matches no Conv2d", pat)
+    selected = OrderedDict()
+    for name, m in convs:
+        if inc and not _matches(name, inc):
+            continue
+        if exc and _matches(name, exc):
+            continue
+        selected[name] = m
+    return selected
+
+
+def _selection(model: nn.Module, cfg: Any) -> "OrderedDict[str, nn.Conv2d]":
+    selected = select_convs(model, _opt(cfg, "include", []), _opt(cfg, "exclude", []))
+    if not selected:
+        raise ConfigError(
+            f"prune.include={list(_patterns(_opt(cfg, 'include', []), 'include'))!r} / "
+            f"prune.exclude={list(_patterns(_opt(cfg, 'exclude', []), 'exclude'))!r} select no "
+            "Conv2d: allowed is a selection of at least one layer"
+        )
+    return selected
+
+
+def detect_head_convs(model: nn.Module) -> list[nn.Conv2d]:
+    """The output convolutions of every YOLOv5 ``Detect``-like module (``m`` list + ``anchors``)."""
+    heads: list[nn.Conv2d] = []
+    for mod in model.modules():
+        is_detect = type(mod).__name__ in ("Detect", "Segment") or (
+            hasattr(mod, "anchors") and isinstance(getattr(mod, "m", None), nn.ModuleList)
+        )
+        if is_detect and isinstance(getattr(mod, "m", None), nn.ModuleList):
+            heads.extend(c for c in mod.m if isinstance(c, nn.Conv2d))
+    return heads
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _param_order(module: nn.Module) -> list[str]:
+    return list(module._parameters)
+
+
+def _make_permanent(module: nn.Module, order: list[str], name: str = "weight") -> None:
+    """``prune.remove``, then restore the parameter order recorded before pruning.
+
+    ``prune`` re-registers ``weight`` after ``bias``; restoring the order keeps the state_dict
+    key order identical to the dense model's.
+    """
+    tprune.remove(module, name)
+    module._parameters = OrderedDict((k, module._parameters[k]) for k in order)
+
+
+def is_permanent(model: nn.Module) -> bool:
+    """True when no ``torch.nn.utils.prune`` re-parametrisation is left on any module."""
+    for m in model.modules():
+        if any(isinstance(h, tprune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
+            return False
+        if any(k.endswith("_mask") for k in m._buffers):
+            return False
+    return True
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+@contextmanager
+def _seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed only the generator of ``device`` and restore every generator state afterwards."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[idx], device_type="cuda"):
+            torch.cuda.default_generators[idx].manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@torch.no_grad()
+def l1_unstructured(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+    """Per-layer L1 magnitude (the tutorial): ``round(sparsity * n)`` zeros in each selected conv."""
+    sparsity = normalize_sparsity(sparsity)
+    if sparsity == 0:
+        return model
+    for m in _selection(model, cfg).values():
+        order = _param_order(m)
+        tprune.l1_unstructured(m, "weight", amount=sparsity)
+        _make_permanent(m, order)
+    return model
+
+
+@torch.no_grad()
+def global_l1(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+    """One global L1 threshold: ``round(sparsity * N)`` zeros over all selected conv weights."""
+    sparsity = normalize_sparsity(sparsity)
+    if sparsity == 0:
+        return model
+    convs = list(_selection(model, cfg).values())
+    orders = [_param_order(m) for m in convs]
+    tprune.global_unstructured(
+        [(m, "weight") for m in convs], pruning_method=tprune.L1Unstructured, amount=sparsity
+    )
+    for m, order in zip(convs, orders):
+        _make_permanent(m, order)
+    return model
+
+
+@torch.no_grad()
+def random(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+    """Random unstructured: ``round(sparsity * n)`` random zeros per selected conv, seeded.
+
+    Each layer's mask comes from a generator seeded with ``(cfg.seed, layer name)``; the
+    global RNG state is saved and restored, so nothing leaks to the caller. Masks are
+    reproducible for a given seed and device type (CPU and CUDA generators differ).
+    """
+    sparsity = normalize_sparsity(sparsity)
+    if sparsity == 0:
+        return model
+    seed = int(_opt(cfg, "seed", 0))
+    for name, m in _selection(model, cfg).items():
+        order = _param_order(m)
+        with _seeded(m.weight.device, _layer_seed(seed, name)):
+            tprune.random_unstructured(m, "weight", amount=sparsity)
+        _make_permanent(m, order)
+    return model
+
+
+@torch.no_grad()
+def ln_structured(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+    """Zero the ``round(sparsity * out_channels)`` output filters of smallest L2 norm per conv."""
+    sparsity = normalize_sparsity(sparsity)
+    if sparsity == 0:
+        return model
+    for m in _selection(model, cfg).values():
+        order = _param_order(m)
+        tprune.ln_structured(m, "weight", amount=sparsity, n=2, dim=0)
+        _make_permanent(m, order)
+    return model
+
+
+def _channel_pruner_class(round_to: int) -> type:
+    import torch_pruning as tp
+
+    class _RoundedPruner(tp.pruner.BasePruner):
+        """BasePruner whose ``round_to`` rounds the KEPT channel count to the nearest multiple
+        (at least one multiple, never more than the layer had) instead of flooring it:
+        Torch-Pruning's floor removes a 16-channel layer entirely at ratio 0.6 (16*0.4=6 -> 0)."""
+
+        def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+            kept = current_channels - n_pruned
+            kept = int((kept / round_to) + 0.5) * round_to
+            kept = min(max(kept, round_to), current_channels)
+            return current_channels - kept
+
+    if not hasattr(tp.pruner.BasePruner, "_round_to"):  # pragma: no cover - API drift guard
+        logger.warning("torch_pruning.BasePruner has no _round_to: using its own rounding")
+        return tp.pruner.BasePruner
+    return _RoundedPruner
+
+
+def channel(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+    """Remove output channels with Torch-Pruning (DepGraph, L2 magnitude, local ratio).
+
+    ``sparsity`` is the fraction of output channels removed from each prunable layer group
+    (before rounding kept counts to multiples of ``cfg.round_to``). Layers not selected by
+    include/exclude and the Detect head's output convs keep their output channels (their
+    input channels follow the layers feeding them). Works on fused and unfused models (the
+    BatchNorm layers of an unfused model are pruned along with their convs).
+    """
+    import torch_pruning as tp
+
+    sparsity = normalize_sparsity(sparsity)
+    if sparsity == 0:
+        return model
+    round_to = int(_opt(cfg, "round_to", 8))
+    if round_to < 1:
+        raise ConfigError(f"prune.round_to={round_to!r} is invalid: allowed is an integer >= 1")
+    selected = _selection(model, cfg)
+    chosen = {id(m) for m in selected.values()}
+    heads = detect_head_convs(model)
+    ignored = [m for m in model.modules() if isinstance(m, nn.Conv2d) and id(m) not in chosen]
+    ignored += [m for m in heads if id(m) in chosen]
+
+    p = next(model.parameters())
+    example = torch.zeros(CHANNEL_EXAMPLE_SHAPE, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    pruner = _channel_pruner_class(round_to)(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=sparsity,
+        round_to=round_to,
+        ignored_layers=ignored,
+        global_pruning=False,
+    )
+    with torch.no_grad():
+        pruner.step()
+    model.train(was_training)
+    return model
+
+
+PRUNERS: dict[str, PrunerFn] = {
+    "l1_unstructured": l1_unstructured,
+    "global_l1": global_l1,
+    "random": random,
+    "ln_structured": ln_structured,
+    "channel": channel,
+}
+
+
+# --------------------------------------------------------------------------- driver steps
+
+
+def get_pruner(method: str) -> PrunerFn:
+    """``PRUNERS[method]`` or a ConfigError listing the registered names."""
+    try:
+        return PRUNERS[method]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"prune.method={method!r} is unknown: allowed is one of {', '.join(sorted(PRUNERS))}"
+        ) from None
+
+
+def apply_pruning(model: nn.Module, sparsity: float, cfg: Any) -> nn.Module:
+    """The prune step alone: ``PRUNERS[cfg.method](model, sparsity, cfg)``, masks permanent."""
+    method = _opt(cfg, "method", "l1_unstructured")
+    fn = get_pruner(method)
+    model = fn(model, sparsity, cfg)
+    if not is_permanent(model):  # pragma: no cover - every registered method removes masks
+        raise RuntimeError(f"pruning method {method!r} left masks on the model")
+    return model
+
+
+def prune_model(
+    model: nn.Module,
+    sparsity: float,
+    cfg: Any,
+    fuse_fn: Optional[Callable[[nn.Module], nn.Module]],
+    recover_fn: Optional[Callable[[nn.Module], nn.Module]] = None,
+) -> nn.Module:
+    """Prune ``model`` in the order ``cfg.fused`` names, returning the fused, pruned model.
+
+    ``cfg.fused`` true (default, the YOLOv5 tutorial): ``fuse_fn -> prune -> recover_fn``.
+    ``cfg.fused`` false: ``prune -> recover_fn -> fuse_fn`` (recovery such as BatchNorm
+    recalibration sees the unfused BN layers). ``fuse_fn=None`` skips fusion.
+    """
+    fused = bool(_opt(cfg, "fused", True))
+    method = _opt(cfg, "method", "l1_unstructured")
+    get_pruner(method)  # fail before any work on an unknown name
+    sparsity = normalize_sparsity(sparsity)
+    logger.info(
+        "pruning: method=%s sparsity=%.4g order=%s", method, sparsity,
+        "fuse->prune (prune.fused=true)" if fused else "prune->fuse (prune.fused=false)",
+    )
+    if fused and fuse_fn is not None:
+        model = fuse_fn(model)
+    model = apply_pruning(model, sparsity, cfg)
+    if recover_fn is not None:
+        model = recover_fn(model)
+    if not fused and fuse_fn is not None:
+        model = fuse_fn(model)
+    return model
