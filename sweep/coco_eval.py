@@ -1,0 +1,141 @@
+"""COCO bbox evaluation that accumulates detections (``update``) then computes (``compute``).
+
+The inference loop never touches pycocotools: it hands finished COCO result rows to an
+evaluator. Backends are a plain registry: ``EVALUATORS[name](ground_truth) -> evaluator``.
+
+- ``pycocotools``: the reference implementation val.py uses.
+- ``faster``: faster-coco-eval (C++ ``evaluateImg``/``accumulate``), same numbers, faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = (
+    "mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
+    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
+)
+
+
+@dataclass
+class CocoResult:
+    """The 12 standard numbers, per-class AP and the backend's printed summary."""
+
+    stats: dict[str, float]
+    per_class: pd.DataFrame
+    summary: str = ""
+    detections: int = 0
+
+
+@dataclass
+class CocoEvaluator:
+    """Accumulate COCO result rows, then evaluate them against ``ground_truth``.
+
+    ``ground_truth`` is a COCO-format dict (``images``, ``annotations``, ``categories``);
+    ``image_ids`` restricts the evaluation to those images (val.py sets ``params.imgIds``
+    to the dataset's images); ``None`` means every image of the ground truth.
+    """
+
+    ground_truth: dict[str, Any]
+    backend: str = "pycocotools"
+    image_ids: list[int | str] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def update(self, rows: list[dict[str, Any]]) -> None:
+        """Add result rows ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
+        self.rows.extend(rows)
+
+    def compute(self) -> CocoResult:
+        ids = list(self.image_ids) if self.image_ids is not None else [im["id"] for im in self.ground_truth["images"]]
+        if not self.rows:
+            log.warning("no detections at all (every score below the threshold?): every COCO number is reported as 0")
+            return CocoResult({k: 0.0 for k in STAT_NAMES}, _empty_per_class(self.ground_truth), "", 0)
+        return EVALUATORS[self.backend](self.ground_truth, self.rows, ids)
+
+
+def _run_cocoeval(coco_cls: Callable, eval_cls: Callable, gt: dict, rows: list[dict], ids: list) -> CocoResult:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        coco_gt = coco_cls(gt)
+        coco_dt = coco_gt.loadRes(rows)
+        ev = eval_cls(coco_gt, coco_dt, "bbox")
+        ev.params.imgIds = ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {k: float(v) for k, v in zip(STAT_NAMES, ev.stats[:12])}
+    return CocoResult(stats, _per_class(ev, gt), buf.getvalue(), len(rows))
+
+
+def _pycocotools(gt: dict, rows: list[dict], ids: list) -> CocoResult:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def make_gt(d: dict) -> COCO:
+        coco = COCO()
+        coco.dataset = d
+        coco.createIndex()
+        return coco
+
+    return _run_cocoeval(make_gt, COCOeval, gt, rows, ids)
+
+
+def _faster(gt: dict, rows: list[dict], ids: list) -> CocoResult:
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    def make_eval(coco_gt, coco_dt, iou_type):
+        return COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=print)
+
+    return _run_cocoeval(lambda d: COCO(d), make_eval, gt, rows, ids)
+
+
+EVALUATORS: dict[str, Callable[[dict, list[dict], list], CocoResult]] = {
+    "pycocotools": _pycocotools,
+    "faster": _faster,
+}
+
+
+def _per_class(ev: Any, gt: dict) -> pd.DataFrame:
+    """AP50-95 and AP50 per category (area all, maxDets 100) from ``ev.eval['precision']``.
+
+    precision has shape [T iou thresholds, R recall points, K categories, A areas, M maxDets];
+    -1 marks categories without ground truth.
+    """
+    precision = np.asarray(ev.eval["precision"])
+    cat_ids = list(ev.params.catIds)
+    names = {c["id"]: c.get("name", str(c["id"])) for c in gt.get("categories", [])}
+    counts: dict[Any, int] = {}
+    for a in gt.get("annotations", []):
+        if not a.get("iscrowd", 0):
+            counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
+    out = []
+    for k, cid in enumerate(cat_ids):
+        p = precision[:, :, k, 0, -1]
+        p50 = precision[0, :, k, 0, -1]
+        out.append({
+            "category_id": cid,
+            "name": names.get(cid, str(cid)),
+            "instances": counts.get(cid, 0),
+            "AP50-95": float(p[p > -1].mean()) if (p > -1).any() else float("nan"),
+            "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else float("nan"),
+        })
+    return pd.DataFrame(out, columns=["category_id", "name", "instances", "AP50-95", "AP50"])
+
+
+def _empty_per_class(gt: dict) -> pd.DataFrame:
+    counts: dict[Any, int] = {}
+    for a in gt.get("annotations", []):
+        counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
+    rows = [{"category_id": c["id"], "name": c.get("name", str(c["id"])), "instances": counts.get(c["id"], 0),
+             "AP50-95": 0.0 if counts.get(c["id"]) else float("nan"),
+             "AP50": 0.0 if counts.get(c["id"]) else float("nan")} for c in gt.get("categories", [])]
+    return pd.DataFrame(rows, columns=["category_id", "name", "instances", "AP50-95", "AP50"])

@@ -1,0 +1,135 @@
+"""The inference loop: preprocess -> forward -> NMS -> COCO rows, timed per stage like val.py.
+
+It knows nothing about pycocotools: finished rows go to an evaluator's ``update``.
+Per-image milliseconds follow val.py: ``ms_preprocess`` (host->device copy, dtype, /255),
+``ms_inference`` (forward pass), ``ms_nms`` (non-maximum suppression), each summed over the
+dataset and divided by the number of images seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol, Sequence
+
+import torch
+
+from sweep.ops import coco_rows, non_max_suppression, scale_boxes
+from sweep.timing import sync
+
+log = logging.getLogger(__name__)
+
+
+class BatchLike(Protocol):
+    images: torch.Tensor            # uint8 [B, 3, H, W] RGB, letterboxed to the batch shape
+    image_ids: Sequence[Any]
+    shapes0: Sequence[tuple[int, int]]                                 # (h0, w0) per image
+    ratio_pad: Sequence[tuple[tuple[float, float], tuple[float, float]]]  # ((gh, gw), (padw, padh))
+
+
+class Updatable(Protocol):
+    def update(self, rows: list[dict[str, Any]]) -> None: ...
+
+
+@dataclass
+class LoopResult:
+    images: int = 0
+    detections: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"preprocess": 0.0, "inference": 0.0, "nms": 0.0,
+                                                               "postprocess": 0.0})
+    shape: tuple[int, ...] = ()
+
+    def per_image_ms(self) -> dict[str, float]:
+        n = max(self.images, 1)
+        return {f"ms_{k}": self.seconds[k] / n * 1e3 for k in ("preprocess", "inference", "nms")}
+
+
+def resolve_device(device: str, half: bool | None) -> tuple[torch.device, bool]:
+    """``auto`` -> CUDA when present; ``half`` None -> FP16 on CUDA. FP16 on CPU is refused with a warning."""
+    if device == "auto":
+        dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            from sweep.config import ConfigError
+            raise ConfigError(f"eval.device={device!r} is invalid: no CUDA device is available here; "
+                              "allowed are auto or cpu")
+    if half is None:
+        half = dev.type == "cuda"
+    if half and dev.type != "cuda":
+        log.warning("eval.half=true is only supported on CUDA; evaluating in FP32 on %s", dev)
+        half = False
+    return dev, bool(half)
+
+
+@torch.inference_mode()
+def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluator: Updatable, *,
+                  device: torch.device, half: bool, conf: float, iou: float, max_det: int,
+                  class_map: Sequence[int] | None = None, progress: Any = None) -> LoopResult:
+    """Run the model over ``batches`` and feed COCO result rows to ``evaluator``.
+
+    ``class_map`` maps class index -> COCO category id (identity when None).
+    ``progress`` is an optional tqdm-like object with ``update(n)``.
+    """
+    res = LoopResult()
+    non_blocking = device.type == "cuda"
+    for batch in batches:
+        t0 = time.perf_counter()
+        im = batch.images
+        if non_blocking:
+            im = im.pin_memory()
+        im = im.to(device, non_blocking=non_blocking)
+        im = im.half() if half else im.float()
+        im /= 255
+        sync(device)
+        t1 = time.perf_counter()
+        pred = model(im)[0]
+        sync(device)
+        t2 = time.perf_counter()
+        out = non_max_suppression(pred, conf_thres=conf, iou_thres=iou, max_det=max_det)
+        sync(device)
+        t3 = time.perf_counter()
+        for dets, image_id, shape0, rp in zip(out, batch.image_ids, batch.shapes0, batch.ratio_pad):
+            dets = dets.float().cpu()
+            dets[:, :4] = scale_boxes(dets[:, :4], rp, shape0)
+            rows = coco_rows(dets, image_id, class_map)
+            res.detections += len(rows)
+            evaluator.update(rows)
+        t4 = time.perf_counter()
+        n = len(batch.image_ids)
+        res.images += n
+        res.shape = tuple(im.shape)
+        for k, dt in zip(("preprocess", "inference", "nms", "postprocess"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            res.seconds[k] += dt
+        if progress is not None:
+            progress.update(n)
+    return res
+
+
+@torch.inference_mode()
+def measure_latency(model: torch.nn.Module, *, device: torch.device, half: bool, imgsz: int, batch: int,
+                    iters: int, warmup: int = 2) -> float:
+    """Median milliseconds of one forward pass on a fixed synthetic [batch, 3, imgsz, imgsz] input.
+
+    CUDA is timed with events; the CPU with ``perf_counter``.
+    """
+    dtype = torch.half if half else torch.float
+    x = torch.full((batch, 3, imgsz, imgsz), 0.5, device=device, dtype=dtype)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(x)
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))

@@ -1,0 +1,180 @@
+"""Per-process reuse across the jobs of a sweep.
+
+With the default (sequential) launcher every job of a multirun runs in one process. The
+``SessionCache`` keeps what does not depend on the pruning: each checkpoint loaded once
+(every job gets a fresh deep copy), each weights file hashed once, and each dataset decoded
+and letterboxed once per (data, imgsz, stride, batch) setting, so the Nth job costs only
+prune + inference + NMS + COCO eval. Created by the entry point, passed explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+# Keep decoded batches in memory only up to this many bytes (COCO val2017 at 640 is ~4.6 GB).
+MAX_CACHED_BYTES = 3 * 1024**3
+
+
+@dataclass
+class DataSpec:
+    """A dataset resolved from ``cfg.data``: where the images, labels and annotations are."""
+
+    name: str
+    root: Path
+    val: Any                                 # images dir, list file or list, relative to root
+    annotations: Path | None = None          # official COCO JSON (ground truth) when present
+    coco80_to_91: bool = False
+    names: list[str] | None = None
+    train: Any = None
+    limit: int | None = None
+
+
+@dataclass
+class EvalData:
+    """A dataset ready for evaluation: batches source, ground truth and id mappings."""
+
+    dataset: Any
+    ground_truth: dict[str, Any]
+    eval_image_ids: list[Any]
+    class_map: list[int] | None
+    instances: int
+    key: tuple = ()
+    batches: list[Any] | None = None
+
+    @property
+    def skipped(self) -> list[Any]:
+        return list(getattr(self.dataset, "skipped", []))
+
+    def __len__(self) -> int:
+        return len(self.eval_image_ids)
+
+
+@dataclass
+class SessionCache:
+    checkpoints: dict[tuple[str, float], Any] = field(default_factory=dict)
+    hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
+    data: dict[tuple, EvalData] = field(default_factory=dict)
+
+    # -- weights ------------------------------------------------------------------------------
+    def weights_path(self, model_cfg: DictConfig, cache_dir: Path) -> Path:
+        """The checkpoint file for ``model_cfg`` (downloaded into the cache when missing)."""
+        from sweep.assets import AssetError, ensure_weights
+
+        if model_cfg.weights:
+            p = Path(str(model_cfg.weights)).expanduser()
+            if not p.is_file():
+                raise AssetError(f"model.weights={str(model_cfg.weights)!r}: no such file; allowed is the path "
+                                 "of a YOLOv5 .pt checkpoint")
+            return p.resolve()
+        return ensure_weights(str(model_cfg.name), cache_dir, url=model_cfg.url)
+
+    def sha256(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path), st.st_mtime, st.st_size)
+        if key not in self.hashes:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self.hashes[key] = h.hexdigest()
+        return self.hashes[key]
+
+    def checkpoint(self, path: Path) -> Any:
+        """The loaded checkpoint (pristine; callers deep-copy its model before changing it)."""
+        from sweep.checkpoint import load_checkpoint
+
+        key = (str(path), path.stat().st_mtime)
+        if key not in self.checkpoints:
+            self.checkpoints.clear()  # one model at a time: a grid sweeps sparsity within each model
+            self.checkpoints[key] = load_checkpoint(path)
+        return self.checkpoints[key]
+
+    # -- data ---------------------------------------------------------------------------------
+    def data_spec(self, data_cfg: DictConfig, cache_dir: Path) -> DataSpec:
+        """Resolve ``cfg.data`` to paths on disk (downloading a configured dataset when missing)."""
+        from sweep.assets import ensure_dataset
+        from sweep.data import DataError, load_data_yaml
+
+        if data_cfg.yaml:
+            y = load_data_yaml(Path(str(data_cfg.yaml)).expanduser())
+            root = Path(y["path"])
+            spec = DataSpec(str(data_cfg.name), root, y["val"], None, False, y.get("names"), y.get("train"),
+                            data_cfg.limit)
+        else:
+            if not data_cfg.path:
+                raise DataError("data.path is empty: allowed is a dataset folder (or data.yaml=<YOLOv5 data yaml>)")
+            root = Path(str(data_cfg.path)).expanduser()
+            if not root.is_dir() and data_cfg.download:
+                ensure_dataset(str(data_cfg.name), root, list(data_cfg.download))
+            ann = root / str(data_cfg.annotations) if data_cfg.annotations else None
+            spec = DataSpec(str(data_cfg.name), root, data_cfg.val, ann, bool(data_cfg.coco80_to_91),
+                            list(data_cfg.names) if data_cfg.names else None, data_cfg.train, data_cfg.limit)
+        if not spec.root.is_dir():
+            raise DataError(f"data.path={str(spec.root)!r}: the dataset folder does not exist; allowed is an existing "
+                            f"folder with images/ and labels/ (set SWEEP_CACHE or paths.cache, or data.path)")
+        vals = spec.val if isinstance(spec.val, (list, tuple)) else [spec.val]
+        for v in vals:
+            p = Path(str(v)) if Path(str(v)).is_absolute() else spec.root / str(v)
+            if not p.exists():
+                raise DataError(f"data.val={str(v)!r}: {p} does not exist; allowed is an images folder or list file "
+                                f"under data.path={str(spec.root)!r}")
+        if spec.annotations is not None and not spec.annotations.is_file():
+            raise DataError(f"data.annotations={str(data_cfg.annotations)!r}: {spec.annotations} does not exist")
+        return spec
+
+    def dataset(self, spec: DataSpec, cfg: DictConfig, stride: int, names: list[str]) -> EvalData:
+        """The evaluation data for ``spec`` at the config's imgsz/batch and the model's stride."""
+        from sweep.data import COCO80_TO_91, Dataset, coco_ground_truth
+
+        imgsz, batch = int(cfg.eval.imgsz), int(cfg.eval.batch)
+        key = (spec.name, str(spec.root), json.dumps(spec.val, default=str), spec.limit, imgsz, stride, batch)
+        if key in self.data:
+            return self.data[key]
+        class_names = spec.names or list(names)
+        ds = Dataset(spec.root, spec.val, names=class_names, imgsz=imgsz, stride=stride, batch=batch,
+                     limit=spec.limit, workers=int(cfg.eval.workers))
+        if spec.annotations is not None:
+            gt = json.loads(spec.annotations.read_text())
+            class_map = list(COCO80_TO_91) if spec.coco80_to_91 else None
+            ids = set(ds.image_ids)
+            instances = sum(1 for a in gt["annotations"] if a["image_id"] in ids and not a.get("iscrowd", 0))
+        else:
+            gt = coco_ground_truth(ds)
+            class_map = None
+            instances = len(gt["annotations"])
+        data = EvalData(ds, gt, list(ds.image_ids), class_map, instances, key)
+        self.data = {k: v for k, v in self.data.items() if k[:4] == key[:4]}  # keep one dataset's settings
+        self.data[key] = data
+        return data
+
+    def batches(self, data: EvalData) -> Iterable[Any]:
+        """Decoded batches: from memory after the first pass when they fit ``MAX_CACHED_BYTES``."""
+        if data.batches is not None:
+            return data.batches
+        return self._fill(data)
+
+    def _fill(self, data: EvalData) -> Iterator[Any]:
+        kept: list[Any] = []
+        size = 0
+        for b in data.dataset.iter_batches():
+            size += b.images.numel()
+            if size <= MAX_CACHED_BYTES:
+                kept.append(b)
+            yield b
+        if size <= MAX_CACHED_BYTES:
+            data.batches = kept
+
+    def calibration(self, cfg: DictConfig, data: EvalData, device: Any) -> Any:
+        """Calibration input for recovery methods (see sweep.recover)."""
+        from sweep.recover import calibration_source
+
+        return calibration_source(cfg, data, device)

@@ -1,0 +1,199 @@
+"""MLflow tracking through an explicit ``MlflowClient`` (no fluent global active run).
+
+- Store: ``mlflow.tracking_uri`` > $MLFLOW_TRACKING_URI > ``sqlite:///<abs outputs>/mlflow.db``
+  with artifacts under ``<abs outputs>/mlartifacts`` (both set explicitly: MLflow's own
+  defaults depend on the working directory).
+- One parent run per multirun (tags ``sweep_id``, ``sweep.role=parent``), one child run per job
+  (tags ``sweep_id``, ``sweep.role=job``, ``config_hash``; nested via ``mlflow.parentRunId``).
+- Every client call is retried a bounded number of times (SQLite "database is locked" under
+  concurrent writers, a tracking server that blinks), then fails with ``TrackingError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PARAM_MAX_LEN = 6000
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or keeps refusing writes."""
+
+
+def resolve_store(cfg: DictConfig) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment) from the config and environment."""
+    outputs = Path(cfg.paths.outputs).expanduser().resolve()
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    artifacts = cfg.mlflow.artifact_location
+    if not uri:
+        uri = f"sqlite:///{outputs / 'mlflow.db'}"
+        artifacts = artifacts or (outputs / "mlartifacts").as_uri()
+    return str(uri), artifacts
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_hash(semantic: dict[str, Any]) -> str:
+    """Stable 16-hex-digit hash of the settings that determine a job's numbers."""
+    blob = json.dumps(semantic, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_transient(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(s in text for s in (
+        "database is locked", "connection", "timed out", "timeout", "temporarily", "503", "502", "504",
+        "max retries", "remote end closed", "broken pipe", "unavailable",
+    ))
+
+
+class Tracker:
+    """A thin, retrying wrapper over ``MlflowClient`` for one experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None,
+                 retries: int = 3, backoff: float = 0.5) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri
+        self.retries = max(0, int(retries))
+        self.backoff = backoff
+        self.check_reachable()
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_id = self._call(self._get_or_create_experiment, experiment, artifact_location)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        """Fail fast, with the URI in the message, when an HTTP tracking server does not answer."""
+        if not self.uri.startswith(("http://", "https://")):
+            return
+        import requests
+
+        url = self.uri.rstrip("/") + "/health"
+        try:
+            r = requests.get(url, timeout=timeout)
+            r.raise_for_status()
+        except Exception as exc:  # noqa: BLE001 - any failure means unreachable
+            raise TrackingError(
+                f"MLflow tracking server {self.uri} is unreachable ({type(exc).__name__}: {exc}); "
+                "start it (mlflow server ...) or set mlflow.tracking_uri to a reachable store") from None
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if attempt >= self.retries or not _is_transient(exc):
+                    if _is_transient(exc):
+                        raise TrackingError(
+                            f"MLflow store {self.uri} failed after {attempt + 1} attempts: {exc}") from exc
+                    raise
+                delay = self.backoff * (2 ** attempt)
+                log.warning("MLflow call %s failed (%s); retrying in %.1fs", getattr(fn, "__name__", fn), exc, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _get_or_create_experiment(self, name: str, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            # Another process created it between our lookup and our create: use theirs.
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    # -- queries ----------------------------------------------------------------------------
+    def search(self, filter_string: str, max_results: int = 1000) -> list[Any]:
+        runs = self._call(self.client.search_runs, [self.experiment_id], filter_string,
+                          max_results=max_results, order_by=["attributes.start_time DESC"])
+        return list(runs)
+
+    def finished_run(self, config_hash_: str) -> Any | None:
+        """The most recent FINISHED run with this config hash, or None."""
+        runs = self.search(f"tags.config_hash = '{config_hash_}' and attributes.status = 'FINISHED'", 1)
+        return runs[0] if runs else None
+
+    def parent_run(self, sweep_id: str) -> Any | None:
+        runs = self.search(f"tags.sweep_id = '{sweep_id}' and tags.`sweep.role` = 'parent'", 1)
+        return runs[0] if runs else None
+
+    # -- writes -----------------------------------------------------------------------------
+    def start_run(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self._call(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+            tags: dict[str, Any] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        p = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+        m = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if _is_number(v)]
+        t = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
+        for chunk in _chunks(p, 100):
+            self._call(self.client.log_batch, run_id, params=chunk)
+        for chunk in _chunks(m, 1000):
+            self._call(self.client.log_batch, run_id, metrics=chunk)
+        for chunk in _chunks(t, 100):
+            self._call(self.client.log_batch, run_id, tags=chunk)
+
+    def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            if Path(path).is_file():
+                self._call(self.client.log_artifact, run_id, str(path), artifact_path)
+
+    def end(self, run_id: str, status: str) -> None:
+        self._call(self.client.set_terminated, run_id, status)
+
+
+def _param_value(v: Any) -> str:
+    s = str(list(v)) if isinstance(v, (list, tuple)) else str(v)
+    return s[:PARAM_MAX_LEN]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN is skipped
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def resolved_params(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config flattened to dotted keys (hydra internals excluded)."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    return flatten(container)
