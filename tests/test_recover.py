@@ -1,0 +1,283 @@
+"""Accuracy recovery (sweep.recover): BatchNorm recalibration and its calibration data.
+
+A freshly built yolov5n (random weights, bundled yaml) covers the recalibration mechanics fast;
+synthetic image folders cover the calibration source rules; the real coco128-calib and
+coco-val128 folders (``SWEEP_CACHE``) cover the real asset layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sweep.config import Config, ConfigError, PruneConfig
+from sweep.model import build_model, fuse, load_model_yaml
+from sweep.prune import PRUNERS
+from sweep.recover import (
+    RECOVERERS,
+    Calibration,
+    batchnorm_layers,
+    calibration_source,
+    eval_overlap,
+    recalibrate_batchnorm,
+)
+
+IMGSZ = 64
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def pristine() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(load_model_yaml("yolov5n")).float().eval()
+
+
+@pytest.fixture
+def pruned(pristine) -> torch.nn.Module:
+    model = copy.deepcopy(pristine)
+    return PRUNERS["l1_unstructured"](model, 0.5, PruneConfig(method="l1_unstructured", fused=False))
+
+
+def synthetic_batches(n: int = 8, batch: int = 4, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.randint(0, 256, (n, 3, IMGSZ, IMGSZ), generator=g, dtype=torch.uint8)
+    return list(imgs.split(batch))
+
+
+def calibration_of(batches: list[torch.Tensor]) -> Calibration:
+    cal = Calibration([f"img{i}.jpg" for i in range(sum(len(b) for b in batches))], "synthetic", IMGSZ,
+                      len(batches[0]), torch.device("cpu"))
+    cal.batches = lambda: iter(batches)  # type: ignore[method-assign]
+    return cal
+
+
+def zeros(model: torch.nn.Module) -> int:
+    return sum(int((p == 0).sum()) for p in model.parameters())
+
+
+def bn_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def make_cfg(method: str = "bn", **over) -> "OmegaConf":
+    cfg = OmegaConf.structured(Config)
+    cfg.recover.method = method
+    cfg.eval.imgsz = IMGSZ
+    cfg.eval.workers = 0
+    cfg.data.name = "toy"
+    for key, value in over.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+def write_images(folder: Path, names: list[str], seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in names:
+        h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        p = folder / name
+        assert cv2.imwrite(str(p), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        out.append(p)
+    return out
+
+
+def eval_data(files: list[Path]) -> SimpleNamespace:
+    return SimpleNamespace(dataset=SimpleNamespace(files=[str(f) for f in files]), eval_image_ids=[])
+
+
+# --------------------------------------------------------------------------- recoverers
+
+
+def test_registry_names_and_signature():
+    assert {"none", "bn"} <= set(RECOVERERS)
+
+
+def test_none_is_a_noop(pruned):
+    before = copy.deepcopy(pruned.state_dict())
+    assert RECOVERERS["none"](pruned, make_cfg("none"), None) == {}
+    after = pruned.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert calibration_source(make_cfg("none"), eval_data([]), "cpu") is None
+
+
+def test_bn_keeps_zeros_and_parameters_changes_statistics(pruned):
+    params = {k: p.detach().clone() for k, p in pruned.named_parameters()}
+    n_zero = zeros(pruned)
+    assert n_zero > 0
+    stats = bn_buffers(pruned)
+    momenta = [m.momentum for m in batchnorm_layers(pruned)]
+
+    metrics = RECOVERERS["bn"](pruned, make_cfg(), calibration_of(synthetic_batches()))
+
+    assert metrics["recover_images"] == 8 and metrics["recover_seconds"] >= 0
+    assert zeros(pruned) == n_zero  # pruned weights stay exactly zero
+    assert all(torch.equal(params[k], p) for k, p in pruned.named_parameters())  # no parameter written
+    new = bn_buffers(pruned)
+    means = [k for k in stats if k.endswith("running_mean")]
+    changed = [k for k in means if not torch.equal(stats[k], new[k])]
+    assert len(changed) == len(means)  # every BN re-estimated
+    assert all(int(new[k]) == 2 for k in new if k.endswith("num_batches_tracked"))  # reset, then 2 batches
+    assert [m.momentum for m in batchnorm_layers(pruned)] == momenta  # restored
+    assert not pruned.training
+
+
+def test_bn_statistics_are_the_cumulative_average(pruned):
+    """momentum=None: the running mean is the plain average of the per-batch means."""
+    batches = synthetic_batches(n=6, batch=2)
+    first = pruned.model[0].bn
+    seen = []
+    handle = first.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].mean((0, 2, 3))))
+    try:
+        recalibrate_batchnorm(pruned, batches)
+    finally:
+        handle.remove()
+    assert len(seen) == 3
+    torch.testing.assert_close(first.running_mean, torch.stack(seen).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_bn_is_deterministic(pristine):
+    a, b = copy.deepcopy(pristine), copy.deepcopy(pristine)
+    recalibrate_batchnorm(a, synthetic_batches())
+    recalibrate_batchnorm(b, synthetic_batches())
+    sa, sb = bn_buffers(a), bn_buffers(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_bn_on_fused_model_is_a_clear_error(pristine):
+    model = fuse(copy.deepcopy(pristine))
+    with pytest.raises(ConfigError, match="prune.fused=false"):
+        RECOVERERS["bn"](model, make_cfg(), calibration_of(synthetic_batches()))
+
+
+def test_bn_without_calibration_is_a_clear_error(pruned):
+    with pytest.raises(ConfigError, match="recover.data"):
+        RECOVERERS["bn"](pruned, make_cfg(), None)
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+def test_calibration_order_count_and_shape(tmp_path):
+    names = [f"{i:03d}.jpg" for i in (5, 1, 9, 3, 7, 2)]
+    write_images(tmp_path / "calib", names)
+    cfg = make_cfg(**{"recover.data": str(tmp_path / "calib"), "recover.images": 4, "recover.batch": 3})
+    cal = calibration_source(cfg, eval_data([]), "cpu")
+    assert [Path(f).name for f in cal.files] == ["001.jpg", "002.jpg", "003.jpg", "005.jpg"]
+    shapes = [tuple(b.shape) for b in cal.batches()]
+    assert shapes == [(3, 3, IMGSZ, IMGSZ), (1, 3, IMGSZ, IMGSZ)]
+    again = calibration_source(cfg, eval_data([]), "cpu")
+    assert again.files == cal.files
+    assert all(torch.equal(x, y) for x, y in zip(cal.batches(), again.batches()))
+
+
+def test_calibration_default_is_data_train_relative_to_data_path(tmp_path):
+    write_images(tmp_path / "ds" / "images" / "train", ["a.jpg", "b.jpg"])
+    cfg = make_cfg(**{"data.path": str(tmp_path / "ds"), "data.train": "images/train"})
+    cal = calibration_source(cfg, eval_data([]), "cpu")
+    assert [Path(f).name for f in cal.files] == ["a.jpg", "b.jpg"]
+
+
+def test_calibration_from_dataset_yaml_uses_train_split(tmp_path):
+    write_images(tmp_path / "ds" / "images" / "train", ["a.jpg"])
+    y = tmp_path / "ds" / "data.yaml"
+    y.write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a]\n")
+    cal = calibration_source(make_cfg(**{"recover.data": str(y)}), eval_data([]), "cpu")
+    assert [Path(f).name for f in cal.files] == ["a.jpg"]
+
+
+def test_no_calibration_source_is_a_config_error():
+    with pytest.raises(ConfigError, match="recover.data"):
+        calibration_source(make_cfg(), eval_data([]), "cpu")
+
+
+def test_empty_calibration_folder_is_a_config_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="recover.data"):
+        calibration_source(make_cfg(**{"recover.data": str(tmp_path / "empty")}), eval_data([]), "cpu")
+
+
+def test_calibrating_on_evaluation_images_is_refused(tmp_path):
+    val = write_images(tmp_path / "val", ["x.jpg", "y.jpg"], seed=1)
+    cfg = make_cfg(**{"recover.data": str(tmp_path / "val")})
+    with pytest.raises(ConfigError, match="allow_eval_images"):
+        calibration_source(cfg, eval_data(val), "cpu")
+    cfg.recover.allow_eval_images = True
+    assert len(calibration_source(cfg, eval_data(val), "cpu")) == 2
+
+
+def test_copied_or_renamed_evaluation_images_are_refused(tmp_path):
+    val = write_images(tmp_path / "val", ["x.jpg", "y.jpg"], seed=1)
+    write_images(tmp_path / "calib", ["c1.jpg"], seed=2)
+    shutil.copy(val[1], tmp_path / "calib" / "renamed.jpg")  # same content, other name
+    cfg = make_cfg(**{"recover.data": str(tmp_path / "calib")})
+    with pytest.raises(ConfigError, match="renamed.jpg"):
+        calibration_source(cfg, eval_data(val), "cpu")
+    assert eval_overlap([str(tmp_path / "calib" / "c1.jpg")], [str(v) for v in val]) == []
+
+
+# --------------------------------------------------------------------------- real assets
+
+
+@pytest.fixture(scope="module")
+def calib_dir(assets: Path) -> Path:
+    d = assets / "datasets" / "coco128-calib" / "images" / "train2017"
+    if not d.is_dir():
+        pytest.skip(f"{d} is absent")
+    return d
+
+
+def real_cfg(assets: Path, **over):
+    data_yaml = Path(__file__).resolve().parents[1] / "conf" / "data" / "coco-val128.yaml"
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"data": OmegaConf.load(data_yaml)})
+    cfg.paths.cache = str(assets)
+    cfg.recover.method = "bn"
+    cfg.eval.workers = 0
+    for key, value in over.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+@pytest.mark.assets
+def test_real_default_calibration_is_coco128_calib_disjoint_from_val(assets, calib_dir, val128_dir):
+    from sweep.data import list_image_files
+
+    cfg = real_cfg(assets, **{"eval.imgsz": 320})
+    val = eval_data([Path(f) for f in list_image_files(val128_dir / "images" / "val2017")])
+    cal = calibration_source(cfg, val, "cpu")
+    assert len(cal) == 128 and cal.files == sorted(cal.files)
+    assert Path(cal.files[0]).parent.resolve() == calib_dir.resolve()
+    cfg.recover.data = str(val128_dir / "images" / "val2017")
+    with pytest.raises(ConfigError, match="also evaluation images"):
+        calibration_source(cfg, val, "cpu")
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_real_yolov5n_bn_recalibration_keeps_zeros(assets, yolov5n_path, val128_dir):
+    checkpoint = pytest.importorskip("sweep.checkpoint")
+    from sweep.data import list_image_files
+
+    model = checkpoint.load_checkpoint(yolov5n_path).model.float().eval()
+    PRUNERS["l1_unstructured"](model, 0.5, PruneConfig(fused=False))
+    n_zero = zeros(model)
+    stats = bn_buffers(model)
+    cfg = real_cfg(assets, **{"eval.imgsz": 320, "recover.images": 16, "recover.batch": 8})
+    val = eval_data([Path(f) for f in list_image_files(val128_dir / "images" / "val2017")])
+    metrics = RECOVERERS["bn"](model, cfg, calibration_source(cfg, val, "cpu"))
+    assert metrics["recover_images"] == 16
+    assert zeros(model) == n_zero
+    new = bn_buffers(model)
+    assert all(not torch.equal(stats[k], new[k]) for k in stats if k.endswith("running_var"))
