@@ -116,7 +116,7 @@ def _reference_nms(pred, conf, iou, max_det):
 
 def test_matches_brute_force_reference_on_random_predictions():
     g = torch.Generator().manual_seed(0)
-    b, n, nc = 2, 300, 4
+    b, n, nc = 2, 160, 4
     xy = torch.rand((b, n, 2), generator=g) * 200
     wh = torch.rand((b, n, 2), generator=g) * 60 + 4
     obj = torch.rand((b, n, 1), generator=g)
@@ -125,7 +125,7 @@ def test_matches_brute_force_reference_on_random_predictions():
     got = non_max_suppression(pred, conf_thres=0.05, iou_thres=0.5, max_det=100)
     ref = _reference_nms(pred, 0.05, 0.5, 100)
     for g_, r_ in zip(got, ref):
-        assert g_.shape == r_.shape and g_.shape[0] > 50
+        assert g_.shape == r_.shape and g_.shape[0] > 30
         torch.testing.assert_close(g_, r_, rtol=0, atol=1e-4)
 
 
