@@ -27,6 +27,8 @@ file contents, ``imgsz``, ``stride``, ``pad``, ``batch`` and ``rect``, so it can
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
 import math
 import os
@@ -57,6 +59,8 @@ COCO80_TO_91: list[int] = [
 ]
 
 PAD_COLOR = (114, 114, 114)
+#: Bumped whenever a change here alters the yielded batches (part of Dataset.cache_key()).
+PREPROCESS_VERSION = 1
 _EXIF_ORIENTATION = 274  # the EXIF tag id of "Orientation"
 
 ImageId = Union[int, str]
@@ -513,6 +517,20 @@ class Dataset:
     def batch_indices(self, k: int) -> np.ndarray:
         """File-order indices of the images of batch ``k``."""
         return self.order[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def cache_key(self) -> str:
+        """Hex digest identifying exactly what :meth:`iter_batches` yields (for an on-disk cache).
+
+        Covers the preprocessing version, OpenCV's version (decode/resize results depend on it),
+        imgsz/stride/pad/batch/rect, the iteration order and every file's path, size and mtime.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps([PREPROCESS_VERSION, cv2.__version__, self.imgsz, self.stride,
+                             self.pad, self.batch_size, self.rect, self.order.tolist()]).encode())
+        for f in self.files:
+            st = os.stat(f)
+            h.update(f"\0{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        return h.hexdigest()
 
     @property
     def class_map(self) -> list[int]:

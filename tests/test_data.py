@@ -218,6 +218,7 @@ def test_iter_batches_threads_equal_serial_and_match_preprocess(tiny: Path):
             assert np.array_equal(x.images[j].numpy(), chw) and x.shapes0[j] == s0 and x.ratio_pad[j] == rp
     assert b0[1].image_ids == [10, "img_b"]
     assert b0[1].ratio_pad[1] == ((64 / 90, 32 / 45), (32.0, 16.0))  # 45x90 -> 32x64 in 96x96
+    assert ds0.cache_key() == ds2.cache_key() != Dataset(tiny, NAMES3, imgsz=96, batch=2).cache_key()
     # an abandoned iteration does not hang or leak
     it = ds2.iter_batches()
     next(it)
