@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,13 @@ class DataSpec:
     train: Any = None
     limit: int | None = None
 
+    def source(self, split: str = "val") -> Any:
+        """The split's images (folder, list file or list) as absolute paths."""
+        spec = self.val if split == "val" else self.train
+        if isinstance(spec, (list, tuple)):
+            return [str(self.root / str(s)) for s in spec]  # an absolute s stays absolute
+        return str(self.root / str(spec))
+
 
 @dataclass
 class EvalData:
@@ -45,7 +52,7 @@ class EvalData:
     dataset: Any
     ground_truth: dict[str, Any]
     eval_image_ids: list[Any]
-    class_map: list[int] | None
+    class_map: list[int]
     instances: int
     key: tuple = ()
     batches: list[Any] | None = None
@@ -56,6 +63,10 @@ class EvalData:
 
     def __len__(self) -> int:
         return len(self.eval_image_ids)
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 @dataclass
@@ -116,16 +127,16 @@ class SessionCache:
             if not root.is_dir() and data_cfg.download:
                 ensure_dataset(str(data_cfg.name), root, list(data_cfg.download))
             ann = root / str(data_cfg.annotations) if data_cfg.annotations else None
-            spec = DataSpec(str(data_cfg.name), root, data_cfg.val, ann, bool(data_cfg.coco80_to_91),
-                            list(data_cfg.names) if data_cfg.names else None, data_cfg.train, data_cfg.limit)
+            spec = DataSpec(str(data_cfg.name), root, _plain(data_cfg.val), ann, bool(data_cfg.coco80_to_91),
+                            list(data_cfg.names) if data_cfg.names else None, _plain(data_cfg.train),
+                            data_cfg.limit)
         if not spec.root.is_dir():
             raise DataError(f"data.path={str(spec.root)!r}: the dataset folder does not exist; allowed is an existing "
                             f"folder with images/ and labels/ (set SWEEP_CACHE or paths.cache, or data.path)")
-        vals = spec.val if isinstance(spec.val, (list, tuple)) else [spec.val]
-        for v in vals:
-            p = Path(str(v)) if Path(str(v)).is_absolute() else spec.root / str(v)
+        vals = spec.source()
+        for p in map(Path, vals if isinstance(vals, list) else [vals]):
             if not p.exists():
-                raise DataError(f"data.val={str(v)!r}: {p} does not exist; allowed is an images folder or list file "
+                raise DataError(f"data.val={str(spec.val)!r}: {p} does not exist; allowed is an images folder or list file "
                                 f"under data.path={str(spec.root)!r}")
         if spec.annotations is not None and not spec.annotations.is_file():
             raise DataError(f"data.annotations={str(data_cfg.annotations)!r}: {spec.annotations} does not exist")
@@ -133,23 +144,22 @@ class SessionCache:
 
     def dataset(self, spec: DataSpec, cfg: DictConfig, stride: int, names: list[str]) -> EvalData:
         """The evaluation data for ``spec`` at the config's imgsz/batch and the model's stride."""
-        from sweep.data import COCO80_TO_91, Dataset, coco_ground_truth
+        from sweep.data import Dataset, coco_ground_truth
 
         imgsz, batch = int(cfg.eval.imgsz), int(cfg.eval.batch)
         key = (spec.name, str(spec.root), json.dumps(spec.val, default=str), spec.limit, imgsz, stride, batch)
         if key in self.data:
             return self.data[key]
         class_names = spec.names or list(names)
-        ds = Dataset(spec.root, spec.val, names=class_names, imgsz=imgsz, stride=stride, batch=batch,
-                     limit=spec.limit, workers=int(cfg.eval.workers))
+        ds = Dataset(spec.source(), class_names, imgsz=imgsz, stride=stride, batch=batch, limit=spec.limit,
+                     workers=int(cfg.eval.workers), coco80_to_91=spec.coco80_to_91)
+        class_map = list(ds.class_map)
         if spec.annotations is not None:
             gt = json.loads(spec.annotations.read_text())
-            class_map = list(COCO80_TO_91) if spec.coco80_to_91 else None
             ids = set(ds.image_ids)
             instances = sum(1 for a in gt["annotations"] if a["image_id"] in ids and not a.get("iscrowd", 0))
         else:
             gt = coco_ground_truth(ds)
-            class_map = None
             instances = len(gt["annotations"])
         data = EvalData(ds, gt, list(ds.image_ids), class_map, instances, key)
         self.data = {k: v for k, v in self.data.items() if k[:4] == key[:4]}  # keep one dataset's settings

@@ -1,0 +1,94 @@
+"""The main job as users run it: `python -m sweep -m ...` in a subprocess, checked through MLflow."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import run_cli, runs
+
+TINY = ("model=yolov5n", "data=coco-val128", "data.limit=8", "eval.imgsz=320")
+
+
+def _children(outputs):
+    return [r for r in runs(outputs) if r.data.tags.get("sweep.role") == "job"]
+
+
+def _parents(outputs):
+    return [r for r in runs(outputs) if r.data.tags.get("sweep.role") == "parent"]
+
+
+def test_multirun_logs_nested_runs_resumes_and_reports(tmp_path, assets):
+    out = tmp_path / "outputs"
+    p = run_cli(out, "-m", *TINY, "sparsity=0,0.3,0.5", sweep_dir=tmp_path / "s1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    [parent] = _parents(out)
+    kids = _children(out)
+    assert sorted(r.info.run_name for r in kids) == [
+        "yolov5n-l1_unstructured-s0.00", "yolov5n-l1_unstructured-s0.30", "yolov5n-l1_unstructured-s0.50"]
+    assert all(r.info.status == "FINISHED" for r in kids)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in kids)
+    assert all(r.data.tags["sweep_id"] == "s1" for r in kids) and parent.data.tags["sweep_id"] == "s1"
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs_done"] == "3"
+    by_s = {r.data.params["sparsity"]: r.data.metrics for r in kids}
+    assert by_s["0.0"]["sparsity"] == 0.0 and abs(by_s["0.5"]["sparsity"] - 0.5) < 1e-3
+    assert by_s["0.5"]["mAP50-95"] < by_s["0.0"]["mAP50-95"]
+    assert "3 done, 0 skipped, 0 failed" in p.stdout
+    # the report was built at the end of the multirun and attached to the parent run
+    report_dir = out / "reports" / "s1"
+    for name in ("accuracy_vs_sparsity.png", "report.pdf", "results.csv", "results.md"):
+        assert (report_dir / name).is_file(), name
+
+    # the same command again: every point is skipped
+    p2 = run_cli(out, "-m", *TINY, "sparsity=0,0.3,0.5", sweep_dir=tmp_path / "s2")
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert "0 done, 3 skipped, 0 failed" in p2.stdout
+    assert len(_children(out)) == 3
+    # one more point: only that one runs
+    p3 = run_cli(out, "-m", *TINY, "sparsity=0,0.3,0.5,0.7", sweep_dir=tmp_path / "s3")
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    assert "1 done, 3 skipped, 0 failed" in p3.stdout
+    assert len(_children(out)) == 4
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, assets):
+    out = tmp_path / "outputs"
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes((assets / "weights" / "yolov5n.pt").read_bytes()[:50_000])
+    good = assets / "weights" / "yolov5n.pt"
+    p = run_cli(out, "-m", "model=custom", f"model.weights={bad},{good}", "data=coco-val128", "data.limit=4",
+                "eval.imgsz=320", sweep_dir=tmp_path / "s")
+    assert p.returncode != 0
+    assert "1 done, 0 skipped, 1 failed" in p.stdout
+    kids = {r.info.status: r for r in _children(out)}
+    assert set(kids) == {"FINISHED", "FAILED"}
+    assert "corrupt.pt" in kids["FAILED"].data.tags["error"]
+    assert "Traceback" not in p.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("sparsity=abc",), "sparsity='abc'"),
+    (("model=yolov9z",), "yolov5n"),   # Hydra lists the available model options
+    (("data.path=/no/such/dataset",), "/no/such/dataset"),
+])
+def test_bad_input_gives_one_clear_message_and_no_run(tmp_path, assets, args, needle):
+    out = tmp_path / "outputs"
+    p = run_cli(out, "model=yolov5n", "data=coco-val128", *args)
+    assert p.returncode != 0
+    assert needle in p.stderr
+    assert "Traceback" not in p.stderr
+    assert runs(out) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,needle", [
+    (("sparsity=1.0",), "sparsity=1.0"),
+    (("sparsity=-0.1",), "sparsity=-0.1"),
+    (("eval.imgsz=100",), "eval.imgsz=100"),
+    (("model=custom", "model.weights=/no/such/file.pt"), "/no/such/file.pt"),
+])
+def test_more_bad_input_cases(tmp_path, assets, args, needle):
+    out = tmp_path / "outputs"
+    p = run_cli(out, "model=yolov5n", "data=coco-val128", *args)
+    assert p.returncode != 0
+    assert needle in p.stderr
+    assert "Traceback" not in p.stderr
+    assert runs(out) == []
