@@ -110,7 +110,7 @@ class SweepCallback(Callback):
             from sweep.report import build_report
 
             out_root = Path(config.paths.outputs) / "reports"
-            path = build_report(tracker.uri, config.mlflow.experiment, sweep=sweep_id, out_root=out_root,
+            path = build_report(tracker.uri, config.mlflow.experiment, out_root=out_root,
                                 parent_run_id=self.parent_run_id)
             log.info("report: %s", path)
         except Exception as exc:  # noqa: BLE001 - a report failure never hides the sweep's result

@@ -125,7 +125,10 @@ class SessionCache:
                 raise DataError("data.path is empty: allowed is a dataset folder (or data.yaml=<YOLOv5 data yaml>)")
             root = Path(str(data_cfg.path)).expanduser()
             if not root.is_dir() and data_cfg.download:
-                ensure_dataset(str(data_cfg.name), root, list(data_cfg.download))
+                if root.resolve() != (cache_dir / "datasets" / str(data_cfg.name)).resolve():
+                    raise DataError(f"data.path={str(root)!r}: missing, and a download goes only into the cache "
+                                    f"({cache_dir / 'datasets' / str(data_cfg.name)})")
+                ensure_dataset(str(data_cfg.name), cache_dir, _plain(data_cfg.download))
             ann = root / str(data_cfg.annotations) if data_cfg.annotations else None
             spec = DataSpec(str(data_cfg.name), root, _plain(data_cfg.val), ann, bool(data_cfg.coco80_to_91),
                             list(data_cfg.names) if data_cfg.names else None, _plain(data_cfg.train),
