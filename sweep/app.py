@@ -258,7 +258,7 @@ def _evaluate_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache, weights
     evaluator = CocoEvaluator(dataset.ground_truth, backend=cfg.eval.backend, image_ids=dataset.eval_image_ids)
     with sw.stage("inference_loop"):
         bar = _progress(cfg, dataset)
-        loop = run_inference(model, cache.batches(dataset), evaluator, device=device, half=half,
+        loop = run_inference(model, cache.batches(dataset, cfg.paths.preprocessed), evaluator, device=device, half=half,
                              conf=float(cfg.eval.conf), iou=float(cfg.eval.iou), max_det=int(cfg.eval.max_det),
                              class_map=dataset.class_map, progress=bar)
         if bar is not None:

@@ -93,7 +93,7 @@ class EvalConfig:
     max_det: int = 300
     device: str = "auto"
     half: Optional[bool] = None
-    backend: str = "pycocotools"
+    backend: str = "faster"
     workers: int = 2
     save_json: bool = False
     latency: bool = True
@@ -114,7 +114,10 @@ class MlflowConfig:
 
 @dataclass
 class PathsConfig:
+    """``cache``: weights/datasets; ``preprocessed``: decoded-batch cache (null = none); ``outputs``: runs."""
+
     cache: str = MISSING
+    preprocessed: Optional[str] = None
     outputs: str = MISSING
 
 

@@ -169,16 +169,28 @@ class SessionCache:
         self.data[key] = data
         return data
 
-    def batches(self, data: EvalData) -> Iterable[Any]:
-        """Decoded batches: from memory after the first pass when they fit ``MAX_CACHED_BYTES``."""
+    def batches(self, data: EvalData, preprocessed: str | None = None) -> Iterable[Any]:
+        """Decoded batches: from memory after the first pass when they fit ``MAX_CACHED_BYTES``;
+        else from the on-disk cache under ``preprocessed`` (when given and writable); else decoded."""
         if data.batches is not None:
             return data.batches
-        return self._fill(data)
+        return self._fill(data, self._source(data, preprocessed))
 
-    def _fill(self, data: EvalData) -> Iterator[Any]:
+    @staticmethod
+    def _source(data: EvalData, preprocessed: str | None) -> Iterable[Any]:
+        from sweep.preprocessed import PreprocessedCache, writable
+
+        if preprocessed:
+            root = Path(str(preprocessed)).expanduser()
+            if writable(root):
+                return PreprocessedCache(root).batches(data.dataset)
+            log.info("preprocessed cache %s is read-only: decoding images instead", root)
+        return data.dataset.iter_batches()
+
+    def _fill(self, data: EvalData, source: Iterable[Any]) -> Iterator[Any]:
         kept: list[Any] = []
         size = 0
-        for b in data.dataset.iter_batches():
+        for b in source:
             size += b.images.numel()
             if size <= MAX_CACHED_BYTES:
                 kept.append(b)

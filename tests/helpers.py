@@ -23,13 +23,14 @@ def make_cfg(outputs: Path, *overrides: str) -> DictConfig:
 
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=[f"paths.outputs={outputs}", *FAST, *overrides])
+        return compose("config", overrides=[f"paths.outputs={outputs}", f"paths.preprocessed={outputs}/pre",
+                                            *FAST, *overrides])
 
 
 def run_cli(outputs: Path, *args: str, sweep_dir: Path | None = None, timeout: int = 900,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m sweep ARGS`` as a user runs it, outputs under ``outputs``."""
-    extra = [f"paths.outputs={outputs}", *FAST]
+    extra = [f"paths.outputs={outputs}", f"paths.preprocessed={outputs}/pre", *FAST]
     if sweep_dir is not None:
         extra.append(f"hydra.sweep.dir={sweep_dir}")
     full_env = os.environ.copy() | (env or {})

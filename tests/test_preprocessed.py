@@ -1,0 +1,78 @@
+"""The on-disk preprocessing cache: identical results, atomic writes, stale/corrupt entries rebuilt."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import torch
+
+from sweep.data import Dataset
+from sweep.preprocessed import PreprocessedCache, writable
+
+
+def _dataset(val128_dir, limit=6, **kw):
+    return Dataset(val128_dir / "images" / "val2017", None, imgsz=kw.pop("imgsz", 320), batch=kw.pop("batch", 4),
+                   stride=32, limit=limit, workers=0, **kw)
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.images, y.images)
+        assert list(x.image_ids) == list(y.image_ids) and list(x.paths) == list(y.paths)
+        assert [tuple(s) for s in x.shapes0] == [tuple(s) for s in y.shapes0]
+        assert [(tuple(r), tuple(p)) for r, p in x.ratio_pad] == [(tuple(r), tuple(p)) for r, p in y.ratio_pad]
+
+
+def test_cached_batches_equal_decoded_batches(tmp_path, val128_dir):
+    ds = _dataset(val128_dir)
+    decoded = list(ds.iter_batches())
+    cache = PreprocessedCache(tmp_path)
+    built = list(cache.batches(ds))          # first pass: decodes and stores
+    assert cache.load(ds) is not None
+    loaded = list(cache.batches(ds))         # second pass: reads the entry
+    _same(decoded, built)
+    _same(decoded, loaded)
+    assert [p.name for p in tmp_path.iterdir()] == [ds.cache_key()]  # no temp folders left
+
+
+def test_key_changes_with_settings_and_files(tmp_path, val128_dir):
+    a = _dataset(val128_dir)
+    assert a.cache_key() != _dataset(val128_dir, imgsz=640).cache_key()
+    assert a.cache_key() != _dataset(val128_dir, batch=2).cache_key()
+    assert a.cache_key() != _dataset(val128_dir, limit=5).cache_key()
+
+
+def test_corrupt_entry_is_rebuilt(tmp_path, val128_dir):
+    ds = _dataset(val128_dir)
+    cache = PreprocessedCache(tmp_path)
+    reference = list(cache.batches(ds))
+    victim = cache.entry(ds) / "batch_00000.npy"
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated
+    assert cache.load(ds) is None                  # invalid -> removed, never trusted
+    _same(reference, list(cache.batches(ds)))
+    assert cache.load(ds) is not None
+
+
+def test_racing_builders_leave_one_complete_entry(tmp_path, val128_dir):
+    ds = _dataset(val128_dir)
+    cache = PreprocessedCache(tmp_path)
+    first = cache.build(ds)
+    next(first)                                    # A started, not finished
+    b = list(PreprocessedCache(tmp_path).build(ds))  # B finishes and publishes
+    a = [*[], *first]                              # A finishes; loses the rename, discards its copy
+    assert len(a) == len(b) - 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ds.cache_key()]
+    assert cache.load(ds) is not None
+
+
+def test_read_only_folder_is_never_written(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        assert not writable(ro / "preprocessed")
+        assert writable(tmp_path / "new" / "preprocessed")
+    finally:
+        os.chmod(ro, stat.S_IRWXU)
