@@ -1,0 +1,506 @@
+"""Safe loading of YOLOv5 checkpoints, and our own save format.
+
+Official Ultralytics ``.pt`` files are ``torch.save`` pickles of module objects from
+the YOLOv5 repo (``models.yolo.Model``, ``models.common.Conv``, ...). They are read
+without that repo and without running code from the file:
+
+1. a static scan of the pickle opcodes lists every global the file references; any
+   global outside ``allowed_globals()`` is refused with ``CheckpointError`` naming it;
+2. ``torch.load(weights_only=True)`` (torch's restricted unpickler) then loads the file
+   inside a ``torch.serialization.safe_globals`` context that admits only harmless torch.nn
+   classes and inert stand-ins registered under the YOLOv5 class names;
+3. the stand-in tree yields the ``yaml``, ``names``, ``stride`` and state_dict; our
+   ``DetectionModel`` is rebuilt from the yaml and the state_dict loaded strictly (FP32).
+
+``save_checkpoint`` writes plain data only (yaml, names, stride, the shape of every conv
+and batch-norm layer, state_dict), so ``load_checkpoint`` rebuilds pruned and fused models
+with their actual channel counts.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import pickletools
+import re
+import tempfile
+import threading
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from sweep.assets import file_sha256
+from sweep.model import Conv, DetectionModel, ModelError, build_model
+
+FORMAT = "yolov5-sparsity-checkpoint"
+FORMAT_VERSION = 1
+
+# Official class names that may appear in a YOLOv5 checkpoint; each gets an inert stand-in.
+YOLOV5_CLASSES = (
+    "models.yolo.Model", "models.yolo.DetectionModel", "models.yolo.BaseModel", "models.yolo.Detect",
+    "models.common.Conv", "models.common.DWConv", "models.common.Bottleneck", "models.common.BottleneckCSP",
+    "models.common.C3", "models.common.C3x", "models.common.C3SPP", "models.common.C3Ghost",
+    "models.common.SPP", "models.common.SPPF", "models.common.Focus", "models.common.Concat",
+    "models.common.GhostConv", "models.common.GhostBottleneck", "models.common.CrossConv",
+    "models.common.Contract", "models.common.Expand",
+    "models.experimental.CrossConv", "models.experimental.MixConv2d", "models.experimental.Sum",
+    "utils.activations.SiLU", "utils.activations.Hardswish",
+)
+# Non-model values some checkpoints carry (training options, numpy fitness scores): read as
+# opaque placeholders, never constructed.
+OPAQUE_CLASSES = (
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "numpy.ndarray", "numpy.dtype",
+    "numpy.dtypes.Float64DType", "numpy.dtypes.Float32DType", "numpy.dtypes.Int64DType",
+    "pathlib.PosixPath", "pathlib.WindowsPath", "argparse.Namespace",
+)
+# torch.nn classes found in YOLOv5 checkpoints: their unpickling only fills attributes.
+TORCH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Sequential, nn.ModuleList, nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Hardswish, nn.LeakyReLU,
+    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Identity, nn.MaxPool2d, nn.Upsample,
+)
+# Globals torch itself needs to rebuild tensors and plain containers.
+_TORCH_DATA_GLOBALS = (
+    "collections.OrderedDict", "builtins.set", "_codecs.encode",
+    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
+    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+    "torch._tensor._rebuild_from_type_v2", "torch.nn.parameter.Parameter",
+    "torch.Size", "torch.device", "torch.Tensor",
+)
+# State-dict entries of old releases that the current architecture does not have.
+LEGACY_BUFFERS = ("anchor_grid",)  # v5.0 registered Detect.anchor_grid as a buffer
+
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+               "BINSTRING", "SHORT_BINSTRING"}
+# torch's safe_globals context edits a module-level registry; one load at a time keeps
+# concurrent loads in threads from removing each other's entries.
+_LOAD_LOCK = threading.Lock()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: the message names the file and the reason."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model rebuilt from a checkpoint: FP32, eval mode (unfused unless it was saved fused)."""
+
+    model: DetectionModel
+    names: list[str]
+    stride: torch.Tensor
+    yaml: dict[str, Any]
+    sha256: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------
+# Allowlist and static scan
+# ---------------------------------------------------------------------------------------
+
+
+def _storage_globals() -> set[str]:
+    return {f"torch.{cls.__name__}" for cls in torch._storage_classes} | {"torch.storage.UntypedStorage"}
+
+
+def _dtype_globals() -> set[str]:
+    return {str(v) for v in vars(torch).values() if isinstance(v, torch.dtype)}
+
+
+def allowed_globals() -> frozenset[str]:
+    """Every dotted global name a checkpoint may reference (anything else is refused)."""
+    names = set(_TORCH_DATA_GLOBALS) | set(YOLOV5_CLASSES) | set(OPAQUE_CLASSES)
+    names |= {f"{c.__module__}.{c.__qualname__}" for c in TORCH_MODULES}
+    return frozenset(names | _storage_globals() | _dtype_globals())
+
+
+def _global_name(module: str, name: str) -> str:
+    return f"{_PY2_MODULES.get(module, module)}.{name}"
+
+
+def _scan_one(stream: io.BytesIO) -> Iterator[str]:
+    """Dotted names of the globals referenced by the next pickle in ``stream`` (static, no execution)."""
+    memo: dict[int, Any] = {}
+    pushed: list[Any] = []  # recent pushed values, to resolve STACK_GLOBAL's operands
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name in ("GLOBAL", "INST"):
+            module, _, name = str(arg).partition(" ")
+            yield _global_name(module, name)
+        elif op.name == "STACK_GLOBAL":
+            module, name = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
+            if isinstance(module, str) and isinstance(name, str):
+                yield _global_name(module, name)
+            else:
+                yield "<a STACK_GLOBAL whose name is computed at load time>"
+        elif op.name in ("EXT1", "EXT2", "EXT4"):
+            yield f"<copyreg extension code {arg}>"
+        if op.name in _STRING_OPS:
+            pushed.append(arg)
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif op.name not in ("STOP", "PROTO", "FRAME"):
+            pushed.append(None)
+
+
+def _pickle_bytes(path: Path) -> tuple[bytes, bool]:
+    """The pickle stream of a checkpoint and whether it came from a torch zip archive."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != b"PK\x03\x04":
+        return path.read_bytes(), False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            records = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if not records:
+                raise CheckpointError(f"cannot load {path}: it is a zip archive without data.pkl, "
+                                      "not a torch.save checkpoint (TorchScript or another format?)")
+            damaged = zf.testzip()  # CRC of every record: catches corrupted tensor data too
+            if damaged is not None:
+                raise CheckpointError(f"cannot load {path}: the file is corrupt (record {damaged} fails "
+                                      "its CRC check); download it again")
+            return zf.read(records[0]), True
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load {path}: the file is truncated or corrupt "
+                              f"(not a readable zip archive: {e}); download it again") from e
+
+
+def scan_globals(path: str | os.PathLike) -> list[str]:
+    """Dotted names of every global the checkpoint's pickle references, in order of appearance.
+
+    Zip checkpoints: the one data.pkl. Legacy/raw pickles: the consecutive pickles at the
+    start of the file (a legacy torch file ends with raw storage bytes, where scanning stops).
+    """
+    path = Path(path)
+    data, is_zip = _pickle_bytes(path)
+    stream, found, parsed = io.BytesIO(data), [], 0
+    while stream.tell() < len(data) and parsed < (1 if is_zip else 8):
+        try:
+            found.extend(_scan_one(stream))
+        except ValueError as e:
+            if parsed == 0:
+                raise CheckpointError(f"cannot load {path}: not a PyTorch checkpoint, or truncated/"
+                                      f"corrupt (its pickle does not parse: {e})") from e
+            break
+        parsed += 1
+    return list(dict.fromkeys(found))
+
+
+def _refuse_unknown_globals(path: Path) -> None:
+    allowed = allowed_globals()
+    for name in scan_globals(path):
+        if name not in allowed:
+            raise CheckpointError(f"refusing to load {path}: it references the global {name}, "
+                                  "which a YOLOv5 checkpoint never needs")
+
+
+# ---------------------------------------------------------------------------------------
+# Restricted torch.load with stand-ins
+# ---------------------------------------------------------------------------------------
+
+
+class _StandIn(nn.Module):
+    """Receives the pickled state of a YOLOv5-repo module: parameters, buffers, submodules."""
+
+    pickled_name = ""
+
+    def forward(self, *args, **kwargs):
+        raise CheckpointError(f"{self.pickled_name} is a stand-in used to read a checkpoint; it cannot run")
+
+
+class _Opaque:
+    """Placeholder for non-model values (numpy scalars, paths, options): keeps nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+def _safe_globals() -> list[Any]:
+    """Entries for ``torch.serialization.safe_globals``: torch.nn classes, stand-ins, placeholders."""
+    entries: list[Any] = list(TORCH_MODULES)
+    for dotted in YOLOV5_CLASSES:
+        short = dotted.rsplit(".", 1)[1]
+        cls = type(short, (_StandIn,), {"pickled_name": dotted, "__module__": __name__})
+        entries.append((cls, dotted))
+    entries += [(_Opaque, dotted) for dotted in OPAQUE_CLASSES]
+    return entries
+
+
+def _refusal_message(path: Path, torch_message: str) -> str:
+    """One line out of torch's multi-paragraph weights_only error."""
+    match = re.search(r"GLOBAL (\S+)", torch_message)
+    if match:
+        return (f"refusing to load {path}: it references the global {match.group(1)}, "
+                "which a YOLOv5 checkpoint never needs")
+    lines = [ln.strip() for ln in torch_message.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    return f"refusing to load {path}: torch's restricted unpickler rejected it: {(useful or lines or ['?'])[0]}"
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` admitting only our allowlist; errors -> CheckpointError."""
+    try:
+        with _LOAD_LOCK, torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(_refusal_message(path, str(e))) from e
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"cannot load {path}: the file is truncated or corrupt ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------
+# From the loaded object to our model
+# ---------------------------------------------------------------------------------------
+
+
+def _names_list(names: Any, nc: int) -> list[str]:
+    """Class names as a list of nc strings (YOLOv5 stores a list, v7 may store {index: name})."""
+    if names is None:
+        return [str(i) for i in range(nc)]
+    if isinstance(names, Mapping):
+        names = [names[k] for k in sorted(names, key=int)]
+    return [str(n) for n in names]
+
+
+def _checked_names(names: Any, nc: int, path: Path) -> list[str]:
+    out = _names_list(names, nc)
+    if len(out) != nc:
+        raise CheckpointError(f"cannot load {path}: it has {len(out)} class names for nc={nc} classes")
+    return out
+
+
+def _official_parts(obj: Any, path: Path) -> tuple[nn.Module, Mapping[str, Any]]:
+    """The pickled model (EMA when present) and the checkpoint dict it came from."""
+    if isinstance(obj, _StandIn):
+        return obj, {}
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"cannot load {path}: expected a checkpoint dict, got {type(obj).__name__}")
+    ema, model = obj.get("ema"), obj.get("model")
+    chosen = ema if isinstance(ema, nn.Module) else model
+    if not isinstance(chosen, _StandIn):
+        raise CheckpointError(f"cannot load {path}: no YOLOv5 model under 'ema' or 'model' "
+                              f"(keys: {', '.join(map(str, obj.keys()))})")
+    return chosen, obj
+
+
+def _state_dict_fp32(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict with legacy buffers dropped and floating tensors in FP32."""
+    out = {}
+    for key, value in module.state_dict().items():
+        if key.rsplit(".", 1)[-1] in LEGACY_BUFFERS:
+            continue
+        out[key] = value.float() if value.is_floating_point() else value
+    return out
+
+
+def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:600]
+        raise CheckpointError(f"cannot load {path}: its weights do not fit the model built from its "
+                              f"yaml: {detail}") from e
+
+
+def _build(yaml: Any, path: Path) -> DetectionModel:
+    if not isinstance(yaml, Mapping):
+        raise CheckpointError(f"cannot load {path}: the checkpoint has no model yaml dict")
+    try:
+        return build_model(yaml)
+    except (ModelError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot load {path}: cannot build its model from its yaml: {e}") from e
+
+
+def _check_stride(model: DetectionModel, stride: Any, path: Path) -> None:
+    if stride is None:
+        return
+    saved = torch.as_tensor(stride, dtype=torch.float32).flatten()
+    if saved.shape != model.stride.shape or not torch.equal(saved, model.stride.float()):
+        raise CheckpointError(f"cannot load {path}: it says stride {saved.tolist()}, the model built "
+                              f"from its yaml has {model.stride.tolist()}")
+
+
+def _from_official(obj: Any, path: Path) -> tuple[DetectionModel, dict[str, Any]]:
+    pickled, _ = _official_parts(obj, path)
+    model = _build(getattr(pickled, "yaml", None), path)
+    _load_strict(model, _state_dict_fp32(pickled), path)
+    _check_stride(model, getattr(pickled, "stride", None), path)
+    model.names = _checked_names(getattr(pickled, "names", None), model.yaml["nc"], path)
+    return model, {}
+
+
+# ---------------------------------------------------------------------------------------
+# Our own format
+# ---------------------------------------------------------------------------------------
+
+
+def _layer_spec(module: nn.Module) -> dict[str, Any]:
+    """Plain-data description of a Conv2d / BatchNorm2d, with channel counts read from its tensors."""
+    if isinstance(module, nn.Conv2d):
+        return {"kind": "Conv2d", "in_channels": module.weight.shape[1] * module.groups,
+                "out_channels": module.weight.shape[0], "kernel_size": list(module.kernel_size),
+                "stride": list(module.stride),
+                "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
+                "dilation": list(module.dilation), "groups": module.groups,
+                "bias": module.bias is not None, "padding_mode": module.padding_mode}
+    return {"kind": "BatchNorm2d", "num_features": module.running_mean.shape[0] if
+            module.running_mean is not None else module.weight.shape[0],
+            "eps": module.eps, "momentum": module.momentum, "affine": module.affine,
+            "track_running_stats": module.track_running_stats}
+
+
+def _module_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+    kw = {k: v for k, v in spec.items() if k != "kind"}
+    if spec.get("kind") == "Conv2d":
+        for key in ("kernel_size", "stride", "dilation"):
+            kw[key] = tuple(kw[key])
+        if not isinstance(kw["padding"], str):
+            kw["padding"] = tuple(kw["padding"])
+        return nn.Conv2d(**kw)
+    if spec.get("kind") == "BatchNorm2d":
+        return nn.BatchNorm2d(**kw)
+    raise ValueError(f"unknown layer kind {spec.get('kind')!r}")
+
+
+def _plain_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """CPU state_dict; pending torch.nn.utils.prune masks are applied (``x_orig * x_mask`` -> ``x``)."""
+    raw = model.state_dict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in raw.items():
+        if key.endswith("_mask") and key[:-5] + "_orig" in raw:
+            continue
+        if key.endswith("_orig") and key[:-5] + "_mask" in raw:
+            value = value * raw[key[:-5] + "_mask"]
+            key = key[:-5]
+        out[key] = value.detach().cpu().clone()
+    return out
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise TypeError unless ``value`` is plain data (str, numbers, bool, None, lists, dicts)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}.{k}")
+        return
+    raise TypeError(f"save_checkpoint: {where} is a {type(value).__name__}; only plain data can be saved")
+
+
+def save_checkpoint(model: DetectionModel, path: str | os.PathLike,
+                    meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` (dense, pruned, channel-pruned or fused) so ``load_checkpoint`` reads it back.
+
+    The file is a torch.save of plain data: ``format``, ``version``, ``yaml``, ``names``,
+    ``stride``, ``layers`` (shape of every Conv2d/BatchNorm2d by module name), ``state_dict``
+    (CPU, the model's dtype) and ``meta`` (plain data of the caller's choice). Written
+    atomically (temp file in the same folder, then rename).
+    """
+    meta = dict(meta or {})
+    _check_plain(meta, "meta")
+    _check_plain(model.yaml, "yaml")
+    data = {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "yaml": model.yaml, "names": [str(n) for n in model.names],
+        "stride": [float(s) for s in model.stride.tolist()],
+        "layers": {name: _layer_spec(m) for name, m in model.named_modules()
+                   if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))},
+        "state_dict": _plain_state_dict(model), "meta": meta,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(data, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _apply_layer_specs(model: nn.Module, specs: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    """Give every Conv2d/BatchNorm2d the saved shape; drop the ``bn`` of Convs saved fused."""
+    present = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))}
+    unknown = sorted(set(specs) - present)
+    if unknown:
+        raise CheckpointError(f"cannot load {path}: saved layers {unknown[:5]} do not exist in the "
+                              "model built from its yaml")
+    for name in sorted(present, key=lambda n: n.count("."), reverse=True):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if name in specs:
+            try:
+                setattr(parent, attr, _module_from_spec(specs[name]))
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"cannot load {path}: bad layer description for {name}: {e}") from e
+        elif isinstance(parent, Conv) and attr == "bn":
+            del parent.bn
+        else:
+            raise CheckpointError(f"cannot load {path}: layer {name} is missing from the saved structure")
+
+
+def _from_ours(obj: Mapping[str, Any], path: Path) -> tuple[DetectionModel, dict[str, Any]]:
+    if obj.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"cannot load {path}: format version {obj.get('version')!r} is not "
+                              f"supported (this code reads version {FORMAT_VERSION})")
+    model = _build(obj.get("yaml"), path)
+    _apply_layer_specs(model, obj.get("layers") or {}, path)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
+    _load_strict(model, state, path)
+    _check_stride(model, obj.get("stride"), path)
+    model.names = _checked_names(obj.get("names"), model.yaml["nc"], path)
+    return model, dict(obj.get("meta") or {})
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    """Load an official YOLOv5 ``.pt`` (any nc, v5.0+ modules) or one written by ``save_checkpoint``.
+
+    Never executes code from the file: globals outside ``allowed_globals()`` are refused
+    with ``CheckpointError`` naming the global. Returns the rebuilt model in FP32, eval mode
+    (unfused for official checkpoints; as saved for ours).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"cannot load {path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot load {path}: the file is empty (an interrupted download?)")
+    _refuse_unknown_globals(path)
+    obj = _torch_load(path)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        model, meta = _from_ours(obj, path)
+    else:
+        model, meta = _from_official(obj, path)
+    model.float().eval()
+    return LoadedCheckpoint(model=model, names=list(model.names), stride=model.stride.clone(),
+                            yaml=model.yaml, sha256=file_sha256(path), meta=meta)
