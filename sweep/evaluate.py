@@ -92,8 +92,9 @@ def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluato
         sync(device)
         t3 = time.perf_counter()
         for dets, image_id, shape0, rp in zip(out, batch.image_ids, batch.shapes0, batch.ratio_pad):
-            dets = dets.float().cpu()
-            dets[:, :4] = scale_boxes(dets[:, :4], rp, shape0)
+            # on the model's device, in FP32, as val.py does (CUDA division can differ from CPU's in the last bit)
+            dets = dets.float()
+            scale_boxes(dets[:, :4], rp, shape0)  # in place
             rows = coco_rows(dets, image_id, class_map)
             res.detections += len(rows)
             evaluator.update(rows)
