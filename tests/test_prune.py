@@ -436,3 +436,230 @@ def test_channel_respects_exclude():
     model = channel_prune(make_tiny(), 0.5, exclude=["model.3*"])
     assert model.model[3].conv.out_channels == 64
     assert model.model[0].conv.out_channels == 8
+
+
+# --------------------------------------------------------------------------- real yolov5n
+
+COCO_IMAGE = "images/val2017/000000000139.jpg"  # living room: people, chairs, tv, plants...
+
+
+@pytest.fixture(scope="module")
+def v5n(yolov5n_path):
+    """The pristine pretrained yolov5n (unfused, FP32, eval); tests prune deep copies."""
+    from sweep.checkpoint import load_checkpoint
+
+    return load_checkpoint(yolov5n_path).model
+
+
+@pytest.fixture(scope="module")
+def v5n_fused(v5n):
+    from sweep.model import fuse
+
+    return fuse(copy.deepcopy(v5n))
+
+
+def _zero_counts(model: nn.Module) -> dict[str, int]:
+    return {n: zeros(m.weight) for n, m in select_convs(model).items()}
+
+
+def test_real_preexisting_zeros(v5n, v5n_fused):
+    # The checkpoint (FP16) holds exactly one zero conv weight; fusion neither adds nor removes any.
+    assert {k: v for k, v in _zero_counts(v5n).items() if v} == {"model.21.conv": 1}
+    assert {k: v for k, v in _zero_counts(v5n_fused).items() if v} == {"model.21.conv": 1}
+    assert len(select_convs(v5n)) == 60
+
+
+@pytest.mark.parametrize("amount", [0.3, 0.9])
+def test_real_l1_unstructured_exact_count_per_layer(v5n_fused, amount):
+    model = copy.deepcopy(v5n_fused)
+    z0 = _zero_counts(model)
+    PRUNERS["l1_unstructured"](model, amount, cfg())
+    for name, m in select_convs(model).items():
+        # torch's rule: the round(amount*n) smallest |w| are zeroed; pre-existing zeros are
+        # among them (|0| is smallest), so the count is max(round(amount*n), zeros before).
+        assert zeros(m.weight) == max(round(amount * m.weight.numel()), z0[name]), name
+
+
+def test_real_global_l1_global_count(v5n_fused):
+    model = copy.deepcopy(v5n_fused)
+    PRUNERS["global_l1"](model, 0.3, cfg())
+    sel = select_convs(model)
+    total = sum(m.weight.numel() for m in sel.values())
+    assert total == 1_861_888  # conv weights of yolov5n (all 60 Conv2d)
+    assert sum(zeros(m.weight) for m in sel.values()) == round(0.3 * total)
+    per_layer = {n: zeros(m.weight) / m.weight.numel() for n, m in sel.items()}
+    assert min(per_layer.values()) < 0.1 and max(per_layer.values()) > 0.5  # very uneven
+
+
+def test_real_random_reproducible_and_seed_dependent(v5n_fused):
+    a = PRUNERS["random"](copy.deepcopy(v5n_fused), 0.3, cfg(seed=0))
+    b = PRUNERS["random"](copy.deepcopy(v5n_fused), 0.3, cfg(seed=0))
+    c = PRUNERS["random"](copy.deepcopy(v5n_fused), 0.3, cfg(seed=1))
+    masks = [[m.weight == 0 for m in select_convs(x).values()] for x in (a, b, c)]
+    assert all(torch.equal(x, y) for x, y in zip(masks[0], masks[1]))
+    assert all(not torch.equal(x, y) for x, y in zip(masks[0], masks[2]))
+
+
+def test_real_ln_structured_zeroes_whole_filters(v5n_fused):
+    model = PRUNERS["ln_structured"](copy.deepcopy(v5n_fused), 0.3, cfg())
+    for name, m in select_convs(model).items():
+        dead = (m.weight.flatten(1) == 0).all(dim=1)
+        assert int(dead.sum()) == round(0.3 * m.out_channels), name
+
+
+@pytest.mark.parametrize("method", ["l1_unstructured", "global_l1"])
+def test_real_fused_and_unfused_both_reach_target(v5n, method):
+    from sweep.cost import accounting
+    from sweep.model import fuse
+
+    results = {}
+    for fused in (True, False):
+        model = prune_model(copy.deepcopy(v5n), 0.3, cfg(method=method, fused=fused), fuse)
+        assert not any(hasattr(m, "bn") for m in model.modules())
+        sel = select_convs(model)
+        metrics, _ = accounting(model, list(sel), 64, 0.3)
+        total = sum(m.weight.numel() for m in sel.values())
+        if method == "l1_unstructured":
+            expected = sum(round(0.3 * m.weight.numel()) for m in sel.values())
+        else:
+            expected = round(0.3 * total)
+        assert metrics["sparsity"] == expected / total
+        assert metrics["sparsity"] == pytest.approx(0.3, abs=1e-4)
+        results[fused] = [m.weight == 0 for m in sel.values()]
+    # BN folding scales each filter differently, so the two orders zero different weights.
+    changed = sum(not torch.equal(x, y) for x, y in zip(results[True], results[False]))
+    assert changed >= 50
+
+
+def test_real_include_exclude(v5n_fused):
+    model = PRUNERS["l1_unstructured"](copy.deepcopy(v5n_fused), 0.5, cfg(exclude=["model.24.*"]))
+    counts = _zero_counts(model)
+    assert [n for n in counts if n.startswith("model.24")] == ["model.24.m.0", "model.24.m.1", "model.24.m.2"]
+    assert all(counts[f"model.24.m.{i}"] == 0 for i in range(3))
+    assert all(v > 0 for n, v in counts.items() if not n.startswith("model.24"))
+    one = PRUNERS["l1_unstructured"](copy.deepcopy(v5n_fused), 0.5, cfg(include=["model.3.conv"]))
+    pruned = {n: v for n, v in _zero_counts(one).items() if v}
+    assert pruned == {"model.3.conv": round(0.5 * 64 * 32 * 3 * 3), "model.21.conv": 1}  # + the old zero
+
+
+def test_real_pristine_model_never_mutated(v5n):
+    from sweep.model import fuse
+
+    snap = snapshot(v5n)
+    modules = dict(v5n.named_modules())
+    for method, fused in [("l1_unstructured", True), ("ln_structured", False), ("channel", False)]:
+        prune_model(copy.deepcopy(v5n), 0.3, cfg(method=method, fused=fused), fuse)
+    assert same_state(v5n, snap)
+    assert dict(v5n.named_modules()).keys() == modules.keys()  # still unfused (bn present)
+    assert all(a is b for a, b in zip(dict(v5n.named_modules()).values(), modules.values()))
+
+
+def _image(val128_dir, size: int = 640) -> torch.Tensor:
+    import cv2
+
+    img = cv2.imread(str(val128_dir / COCO_IMAGE))[:, :, ::-1]
+    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+@pytest.fixture(scope="module")
+def v5n_channel03(v5n):
+    """yolov5n channel-pruned at ratio 0.3, fuse -> prune (the default order)."""
+    from sweep.model import fuse
+
+    return prune_model(copy.deepcopy(v5n), 0.3, cfg(method="channel"), fuse)
+
+
+def test_real_channel_reduces_cost_keeps_shapes(v5n_fused, v5n_channel03):
+    from sweep.cost import gflops, param_counts
+
+    model = v5n_channel03
+    x = torch.zeros(1, 3, 320, 416)
+    with torch.no_grad():
+        pred0, raw0 = v5n_fused(x)
+        pred, raw = model(x)
+    assert pred.shape == pred0.shape == (1, 3 * (40 * 52 + 20 * 26 + 10 * 13), 85)
+    assert [r.shape for r in raw] == [r.shape for r in raw0]
+    heads = detect_head_convs(model)
+    assert [c.out_channels for c in heads] == [255, 255, 255]
+    # Measured on yolov5n (640x640): 1,867,405 -> 945,733 parameters (50.6%) and
+    # 4.468 -> 2.330 GFLOPs (52.1%) at ratio 0.3: both in and out channels shrink (~0.7^2),
+    # and rounding kept counts to multiples of 8 removes more than 30% of small layers.
+    assert param_counts(v5n_fused)[0] == 1_867_405
+    assert param_counts(model)[0] == 945_733
+    assert gflops(model, 320) * 4 == pytest.approx(2.3297, abs=1e-3)
+    assert gflops(v5n_fused, 320) * 4 == pytest.approx(4.4681, abs=1e-3)
+    kept = [m.out_channels for m in select_convs(model).values() if m not in heads]
+    assert all(c % 8 == 0 and c >= 8 for c in kept)
+    assert model.model[0].conv.out_channels == 8 and model.model[23].cv3.conv.out_channels == 176
+
+
+def test_real_channel_same_counts_fused_or_unfused(v5n, v5n_channel03):
+    from sweep.cost import param_counts
+    from sweep.model import fuse
+
+    model = prune_model(copy.deepcopy(v5n), 0.3, cfg(method="channel", fused=False), fuse)
+    assert param_counts(model)[0] == param_counts(v5n_channel03)[0]  # counts depend on the ratio only
+    shapes = [m.weight.shape for m in select_convs(model).values()]
+    assert shapes == [m.weight.shape for m in select_convs(v5n_channel03).values()]
+
+
+def test_real_channel_outputs_non_degenerate(v5n, val128_dir):
+    """Channel pruning without any recovery hurts yolov5n badly; the outputs stay sane.
+
+    Measured on 000000000139.jpg (640x640 resize): max objectness 0.881 dense, 0.161 after
+    channel pruning at 0.2 (fuse->prune), 0.036 at 0.1: no box above 0.25 without recovery.
+    """
+    from sweep.model import fuse
+
+    x = _image(val128_dir)
+    model = prune_model(copy.deepcopy(v5n), 0.2, cfg(method="channel"), fuse)
+    with torch.no_grad():
+        pred, _ = model(x)
+    obj = pred[0, :, 4]
+    assert torch.isfinite(pred).all()
+    assert 0.1 < float(obj.max()) < 0.25
+    assert float(obj.std()) > 1e-3
+    top = pred[0, obj.topk(50).indices]
+    assert len(top[:, 5:].argmax(1).unique()) > 1  # not one constant class everywhere
+    wh = top[:, 2:4]
+    assert (wh > 1).all() and (wh < 2000).all()
+
+
+def _bn_recalibrate(images: torch.Tensor):
+    """Test-only BatchNorm recalibration (cumulative averages over ``images``)."""
+
+    def recover(model: nn.Module) -> nn.Module:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for batch in images.split(8):
+                model(batch)
+        return model.eval()
+
+    return recover
+
+
+@pytest.mark.slow
+def test_real_channel_detects_after_bn_recalibration(v5n, val128_dir, assets):
+    """prune (unfused) -> BN recalibration on unlabeled calibration images -> fuse: detections return.
+
+    Measured: 6 boxes with objectness > 0.25 on 000000000139.jpg at 0.2 (max 0.40) after
+    recalibrating on the first 32 coco128-calib images; 0 without recalibration.
+    """
+    import cv2
+
+    from sweep.model import fuse
+
+    files = sorted((assets / "datasets" / "coco128-calib" / "images" / "train2017").glob("*.jpg"))[:32]
+    calib = torch.cat([
+        torch.from_numpy(cv2.resize(cv2.imread(str(f))[:, :, ::-1], (640, 640)).copy())
+        .permute(2, 0, 1)[None].float() / 255 for f in files])
+    model = prune_model(copy.deepcopy(v5n), 0.2, cfg(method="channel", fused=False), fuse,
+                        _bn_recalibrate(calib))
+    with torch.no_grad():
+        pred, _ = model(_image(val128_dir))
+    assert int((pred[0, :, 4] > 0.25).sum()) >= 3
