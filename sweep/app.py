@@ -350,6 +350,7 @@ def task(cfg: DictConfig, cache: SessionCache) -> JobOutcome:
         outcome = run_job(cfg, ctx, cache)
     except KeyboardInterrupt:
         JobOutcome("failed", name, None, "interrupted (Ctrl-C)").save(ctx.output_dir)
+        _mark_parent_killed(cfg, ctx.sweep_id)
         raise
     except Exception as exc:  # noqa: BLE001 - every job failure is reported the same way
         user_error = isinstance(exc, (ConfigError, JobError)) or _is_user_error(exc)
@@ -369,6 +370,22 @@ def task(cfg: DictConfig, cache: SessionCache) -> JobOutcome:
         log.info("done %s: mAP50-95 %.4f  AR100 %.4f  %.1f ms/img", name, m.get("mAP50-95", 0), m.get("AR100", 0),
                  m.get("ms_inference", 0))
     return outcome
+
+
+def _mark_parent_killed(cfg: DictConfig, sweep_id: str | None) -> None:
+    """Ctrl-C stops the sweep: its parent run is marked KILLED too (best effort)."""
+    if not (sweep_id and cfg.mlflow.enabled):
+        return
+    try:
+        from sweep.tracking import Tracker, resolve_store
+
+        uri, artifacts = resolve_store(cfg)
+        tracker = Tracker(uri, cfg.mlflow.experiment, artifacts, retries=0)
+        parent = tracker.parent_run(sweep_id)
+        if parent is not None:
+            tracker.end(parent.info.run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - we are already stopping
+        log.warning("could not mark the sweep's parent run KILLED: %s", exc)
 
 
 def _safe_name(cfg: DictConfig) -> str:
