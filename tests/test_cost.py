@@ -123,3 +123,85 @@ def test_layer_table_is_csv_ready(tmp_path):
     back = pd.read_csv(path)
     assert list(back["layer"].astype(str)) == ["0", "3"]
     assert list(back["shape"]) == ["8x3x3x3", "4x8x1x1"]
+
+
+# --------------------------------------------------------------------------- real yolov5n
+
+
+@pytest.fixture(scope="module")
+def v5n(yolov5n_path):
+    from sweep.checkpoint import load_checkpoint
+
+    return load_checkpoint(yolov5n_path).model
+
+
+@pytest.fixture(scope="module")
+def v5n_fused(v5n):
+    import copy
+
+    from sweep.model import fuse
+
+    return fuse(copy.deepcopy(v5n))
+
+
+@pytest.fixture(scope="module")
+def dense_fused(v5n_fused):
+    return accounting(v5n_fused, None, 640, 0.0)
+
+
+def test_real_accounting_unfused(v5n):
+    metrics, layers = accounting(v5n, None, 640, 0.0)
+    assert metrics["params"] == 1_872_157  # the official count (unfused, BN included)
+    assert metrics["params_nonzero"] == 1_872_156  # one exact zero in model.21.conv
+    assert metrics["sparsity"] == 1 / 1_861_888
+    assert metrics["sparsity_global"] == 1 / 1_872_157
+    assert metrics["gflops"] == pytest.approx(4.4681216, rel=1e-9)  # BN not counted: same as fused
+    assert metrics["size_mb"] == pytest.approx(7.641, rel=2e-3)  # FP32 state_dict incl. BN buffers
+    # FP16 checkpoint values upcast to FP32 have 13 zero mantissa bits: they compress well.
+    assert 4.0 < metrics["size_mb_compressed"] < 5.0
+
+
+def test_real_accounting_fused_matches_yolov5(dense_fused):
+    metrics, layers = dense_fused
+    assert metrics["params"] == 1_867_405  # YOLOv5 prints 1867405 parameters for fused yolov5n
+    assert round(metrics["gflops"], 1) == 4.5  # and 4.5 GFLOPs (thop MACs*2 at 640)
+    assert metrics["gflops"] == pytest.approx(4.4681216, rel=1e-9)
+    assert metrics["size_mb"] == pytest.approx(7.514, rel=2e-3)
+    assert 6.0 < metrics["size_mb_compressed"] < 7.2  # folded FP32 weights barely compress
+    assert len(layers) == 60 and layers["selected"].all()
+    assert layers["numel"].sum() == 1_861_888
+    assert layers.iloc[0][["layer", "shape"]].tolist() == ["model.0.conv", "16x3x6x6"]
+    assert layers.iloc[-1][["layer", "shape"]].tolist() == ["model.24.m.2", "255x256x1x1"]
+    assert list(layers["layer"])[:3] == ["model.0.conv", "model.1.conv", "model.2.cv1.conv"]
+
+
+def test_real_gflops_scale_with_image_area(v5n_fused):
+    assert gflops(v5n_fused, 320) * 4 == pytest.approx(4.4681216, rel=1e-9)
+    assert gflops(v5n_fused, (320, 640)) * 2 == pytest.approx(4.4681216, rel=1e-9)
+
+
+def test_real_accounting_after_l1_pruning(v5n_fused, dense_fused):
+    import copy
+
+    from sweep.prune import PRUNERS, select_convs
+
+    dense, _ = dense_fused
+    model = PRUNERS["l1_unstructured"](copy.deepcopy(v5n_fused), 0.3, {})
+    metrics, layers = accounting(model, None, 640, 0.3, reference=dense)
+    zeros = sum(round(0.3 * n) for n in layers["numel"])
+    assert metrics["sparsity"] == zeros / 1_861_888 == pytest.approx(0.3, abs=1e-6)
+    assert metrics["params_nonzero"] == 1_867_405 - zeros == 1_308_839
+    assert metrics["sparsity_global"] == pytest.approx(zeros / 1_867_405)  # biases not pruned
+    # Dense zeros: same parameter count, FLOPs and file size; only compression sees them.
+    assert (metrics["params"], metrics["gflops"], metrics["size_mb"]) == (
+        dense["params"], dense["gflops"], dense["size_mb"])
+    assert metrics["params_ratio"] == 1.0 and metrics["gflops_ratio"] == 1.0
+    assert metrics["size_mb_compressed"] < 0.85 * dense["size_mb_compressed"]
+    assert (layers["sparsity"] - 0.3).abs().max() < 1e-3
+
+    kept = PRUNERS["l1_unstructured"](copy.deepcopy(v5n_fused), 0.3, {"exclude": ["model.24.*"]})
+    selected = list(select_convs(kept, [], ["model.24.*"]))
+    m2, l2 = accounting(kept, selected, 640, 0.3)
+    assert m2["sparsity"] == pytest.approx(0.3, abs=1e-6)  # over the selected layers only
+    assert m2["sparsity_global"] < 0.29  # the dense head dilutes the global figure
+    assert (~l2["selected"]).sum() == 3 and (l2[~l2["selected"]]["zeros"] == 0).all()
