@@ -1,0 +1,257 @@
+"""build_report: select runs -> frames -> figures, tables, PDF -> files (+ artifacts on the parent run)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional, Union
+
+import pandas as pd
+
+from . import figures as F
+from . import pdf as P
+from . import query as Q
+from . import tables as T
+from .common import (ALL, ARTIFACT_DIR, DEFAULT_EXPERIMENT, REPORT_FILES, ReportError,
+                     default_out_root, default_tracking_uri, metric)
+
+log = logging.getLogger(__name__)
+PNG_DPI = 150
+
+
+def _safe_name(s: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", str(s)).strip("._") or "sweep"
+    return name[:120]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _uniq(values) -> list[str]:
+    out = []
+    for v in values:
+        if v is None or (isinstance(v, float) and v != v) or str(v) in ("", "?", "nan", "None"):
+            continue
+        if str(v) not in out:
+            out.append(str(v))
+    return out
+
+
+def _fmt_time(ts) -> str:
+    if ts is None or pd.isna(ts):
+        return "—"
+    return pd.Timestamp(ts).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _extra_dense(sel: Q.Selection, df: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """Finished dense runs elsewhere in the experiment for (model, setting) pairs the selection lacks."""
+    if sel.mode == ALL:
+        return None
+    ok = df[df["outcome"] == "ok"]
+    have = set(map(tuple, ok[ok["is_dense"]][["model", "setting"]].to_numpy().tolist()))
+    want = set(map(tuple, ok[["model", "setting"]].to_numpy().tolist())) - have
+    if not want:
+        return None
+    try:
+        runs = Q.find_dense_runs(sel, sorted({m for m, _ in want}))
+    except Exception as e:  # a best-effort lookup: the report stands without it
+        log.warning("dense reference lookup failed: %s", e)
+        return None
+    ids = set(df["run_id"])
+    runs = [r for r in runs if r.info.run_id not in ids]
+    if not runs:
+        return None
+    extra = T.normalize(Q.runs_frame(runs))
+    extra = extra[extra["is_dense"] & (extra["outcome"] == "ok")]
+    keep = [(m, s) in want for m, s in zip(extra["model"], extra["setting"])]
+    return extra[keep] if any(keep) else None
+
+
+def _title_fields(sel: Q.Selection, df: pd.DataFrame, now: datetime) -> list[tuple[str, str]]:
+    started = sel.parent.info.start_time if sel.parent is not None else None
+    start = (pd.Timestamp(started, unit="ms", tz="UTC") if started else df["start_time"].min())
+    n = len(df)
+    counts = df["outcome"].value_counts()
+    runs = f"{_plural(n, 'run')}: {counts.get('ok', 0)} ok" + "".join(
+        f", {v} {k}" for k, v in counts.items() if k != "ok")
+    targets = sorted(t for t in df["target"].dropna().unique())
+    commits = _uniq(df.get("tags.git_commit", pd.Series(dtype=object)))
+    devices = _uniq(df["device"])
+    fields = [
+        ("sweep id", sel.sweep_id if sel.mode != ALL else "all finished runs of the experiment"),
+        ("experiment", sel.experiment_name),
+        ("parent run", sel.parent_run_id or "—"),
+        ("sweep date", _fmt_time(start)),
+        ("report date", now.strftime("%Y-%m-%d %H:%M UTC")),
+        ("models", ", ".join(sorted(_uniq(df["model"]), key=T.model_sort_key)) or "—"),
+        ("methods", ", ".join(sorted(_uniq(df["method"]))) or "—"),
+        ("recovery", ", ".join(sorted(_uniq(df["recover"]), key=lambda r: (r != "none", r)))),
+        ("target sparsity", ", ".join(f"{t:g}" for t in targets) or "—"),
+        ("dataset", ", ".join(_uniq(df["data"])) or "—"),
+        ("settings", " | ".join(_uniq(df["setting"]))),
+        ("device", ", ".join(devices) or "—"),
+        ("git commit", ", ".join(c[:12] for c in commits) or "—"),
+        ("runs", runs),
+        ("tracking URI", sel.tracking_uri),
+    ]
+    return fields
+
+
+def _markdown(title: str, fields: list[tuple[str, str]], notes: list[str], table: pd.DataFrame,
+              figures: list[str]) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in fields if k != "tracking URI"]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    lines += ["", "## Results", "",
+              "mAP/AR are COCO numbers in [0, 1]; Δ vs dense is the mAP50-95 difference from the same "
+              "model's dense run (same dataset, image size and precision); ms/image is the inference "
+              "stage; runs that did not finish are listed with their status and no values.", "",
+              T.markdown_table(table), "## Figures", ""]
+    lines += [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_EXPERIMENT,
+                 sweep: Optional[str] = None, out_root: Union[Path, str, None] = None,
+                 parent_run_id: Optional[str] = None, attach: bool = True) -> Path:
+    """Build the report of one sweep and return its folder ``<out_root>/<sweep id>/``.
+
+    Selection: ``parent_run_id``, else ``sweep`` (a sweep id, or ``"all"`` for every finished job
+    run of the experiment, written to ``<out_root>/all``), else the most recent sweep (the parent
+    run with the latest start time). ``tracking_uri`` None -> $MLFLOW_TRACKING_URI, else
+    ``sqlite:///<cwd>/outputs/mlflow.db``; ``out_root`` None -> ``<cwd>/outputs/reports``.
+    With ``attach`` the files are logged on the parent run under ``report/`` (when there is one).
+
+    Raises ReportError (nothing written) when the selection is empty or no run finished with metrics.
+    """
+    tracking_uri = tracking_uri or default_tracking_uri()
+    out_root = Path(out_root) if out_root is not None else default_out_root()
+    sel = Q.select_runs(tracking_uri, experiment, sweep=sweep, parent_run_id=parent_run_id)
+    what = "experiment " + repr(sel.experiment_name) if sel.mode == ALL else f"sweep {sel.sweep_id!r}"
+    if not sel.runs:
+        raise ReportError(f"{what} has no job runs (nothing finished yet?); no report written")
+
+    df = T.normalize(Q.runs_frame(sel.runs))
+    ok = df[df["outcome"] == "ok"]
+    if ok.empty:
+        errors = _uniq(df["error"])
+        detail = f"; first error: {errors[0][:200]}" if errors else ""
+        status = ", ".join(f"{v} {k}" for k, v in df["outcome"].value_counts().items())
+        raise ReportError(f"all {len(df)} runs of {what} failed or have no metrics ({status}){detail}; "
+                          f"no report written")
+
+    notes = list(sel.notes)
+    extra = _extra_dense(sel, df)
+    refs = T.dense_refs(df, "setting", extra)
+    refs_time = T.dense_refs(df, "timing_setting", extra)
+    for (model, setting), ref in refs.items():
+        if ref.outside:
+            notes.append(f"no dense run of {model} ({setting}) in this sweep: dense reference taken from "
+                         f"run {ref.run_ids[0]} of the same experiment")
+    missing = sorted({(m, s) for m, s in zip(ok["model"], ok["setting"])} - set(refs))
+    for m, s in missing:
+        notes.append(f"no dense run of {m} ({s}): no dense reference, Δ and retention left empty")
+    df = T.add_dense_columns(df, refs)
+
+    # per-layer sensitivity runs (prune.include varies) go to the heatmap, not the curves
+    points = T.dedupe(df)
+    include_varies = df["include"].nunique() > 1
+    is_layer = points["include"].map(bool) & ~points["is_dense"]
+    sens = points[is_layer] if include_varies else points.iloc[0:0]
+    curve_points = points[~is_layer] if include_varies else points
+    points_t = T.dedupe(df, by_device=True)
+    curve_points_t = points_t[~(points_t["include"].map(bool) & ~points_t["is_dense"])] if include_varies \
+        else points_t
+    curve_note = "per-layer runs (prune.include varies): see sensitivity.png" if len(sens) else None
+    if len(sens):
+        notes.append(f"{_plural(len(sens), 'per-layer run')} (prune.include varies) are shown in sensitivity.png, "
+                     f"not on the curves")
+    if len(ok) > len(points):
+        notes.append(f"{_plural(len(ok) - len(points), 'repeated configuration')}: figures use the most recent run, "
+                     f"tables list every run")
+    bad = df[df["outcome"] != "ok"]
+    if len(bad):
+        names = list(bad["run_name"].astype(str))
+        shown = ", ".join(names[:8]) + (f", … ({len(names) - 8} more)" if len(names) > 8 else "")
+        notes.append(f"{_plural(len(bad), 'run')} did not finish with metrics ({shown}): listed in the tables as "
+                     f"missing, absent from the figures")
+    if df["setting"].nunique() > 1:
+        notes.append("runs differ in dataset, image size or precision: each setting is its own row of panels "
+                     "with its own dense references, never mixed on one curve ("
+                     + " | ".join(_uniq(df["setting"])) + ")")
+    if (~ok["x_measured"]).any():
+        notes.append("runs without a measured sparsity metric are plotted at their target sparsity")
+
+    style = F.Style.build(df["model"], df["method"])
+    label = sel.sweep_id if sel.mode != ALL else f"all runs of {sel.experiment_name}"
+    figs: dict[str, object] = {}
+    figs["accuracy_vs_sparsity.png"] = F.curve_figure(
+        curve_points, refs, [F.metric_panel("mAP50-95", "mAP50-95", "mAP50-95 (COCO, 0–1)"),
+                             F.metric_panel("mAP50", "mAP50", "mAP50 (COCO, 0–1)"),
+                             F.metric_panel("AR100", "AR100", "AR100 (COCO, 0–1)")],
+        style, f"Accuracy vs sparsity · {label}", note=curve_note)
+    figs["retention_vs_sparsity.png"] = F.curve_figure(
+        curve_points, refs, [F.retention_panel(n) for n in ("mAP50-95", "mAP50", "AR100")],
+        style, f"Accuracy retained vs sparsity · {label}", note=curve_note)
+    speed = [F.metric_panel("ms_inference", "Inference time", "inference (ms / image)"),
+             F.metric_panel("gflops", "Compute", "GFLOPs per image"),
+             F.metric_panel("params_nonzero", "Non-zero parameters", "non-zero parameters (millions)",
+                            scale=1e-6)]
+    for name, title, ylabel in (("latency_b1_ms", "Latency, batch 1", "latency (ms / image, batch 1)"),
+                                ("latency_b32_ms_per_image", "Latency, batch 32",
+                                 "latency (ms / image, batch 32)")):
+        if metric(name) in df.columns and df[metric(name)].notna().any():
+            speed.append(F.metric_panel(name, title, ylabel))
+    # cost does not depend on recovery: one curve per (model, method), the unrecovered run preferred
+    speed_points = curve_points_t.sort_values("recover_key", kind="stable").drop_duplicates(
+        ["timing_setting", "model", "method", "fused", "scope", "target"]).sort_index()
+    figs["speed_vs_sparsity.png"] = F.curve_figure(
+        speed_points, refs_time, speed, style, f"Speed and size vs sparsity · {label}",
+        group_col="timing_setting", facet_recover=False, note=curve_note)
+    figs["pareto.png"] = F.pareto_figure(points_t, style, f"Accuracy vs cost · {label}")
+    if len(sens):
+        figs["sensitivity.png"] = F.sensitivity_figure(sens, refs, f"Per-layer sensitivity · {label}")
+
+    now = datetime.now(timezone.utc)
+    title = f"YOLOv5 pruning report · {label}"
+    fields = _title_fields(sel, df, now)
+    table = T.summary_table(df)
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    name = ALL if sel.mode == ALL else _safe_name(sel.sweep_id)
+    out = out_root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_root))
+    try:
+        for fname, fig in figs.items():
+            fig.savefig(tmp / fname, dpi=PNG_DPI)
+            fig.set_layout_engine("none")  # keep the computed layout for the PDF page (saves a re-layout)
+        T.results_csv_frame(df).to_csv(tmp / "results.csv", index=False)
+        (tmp / "results.md").write_text(_markdown(title, fields, notes, table, list(figs)), encoding="utf-8")
+        pages = [P.title_page(title, fields, notes)] + list(figs.values()) + \
+            P.table_figures(table, f"Results · {label}")
+        P.write_pdf(tmp / "report.pdf", pages, title)
+        out.mkdir(parents=True, exist_ok=True)
+        for fname in REPORT_FILES:  # drop a previous build's files (e.g. a stale sensitivity.png)
+            (out / fname).unlink(missing_ok=True)
+        written = []
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+            written.append(out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if attach and sel.parent is not None:
+        try:
+            Q.attach(sel, written, ARTIFACT_DIR)
+        except Exception as e:
+            raise ReportError(f"report written to {out}, but attaching it to parent run "
+                              f"{sel.parent_run_id} failed: {e}") from e
+    log.info("report for %s written to %s", what, out)
+    return out

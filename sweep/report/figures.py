@@ -1,0 +1,325 @@
+"""Figures as ``matplotlib.figure.Figure`` objects (no pyplot, no global backend switch).
+
+Encoding, the same in every figure of a report: colour = model (fixed per YOLOv5 size), line style
+and marker = pruning method, hollow markers = a variant (fused/unfused or another layer scope) when
+that varies. Dashed lines in a model's colour are its dense (sparsity 0) value. One row of panels per
+setting (dataset · image size · precision; timing figures also per device); when ``recover.method``
+varies, recovered and unrecovered panels of the same metric sit side by side with a shared y axis.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from .common import metric
+from .tables import DenseRef, layer_index, model_sort_key
+
+SIZE_COLOURS = {"n": "#1f77b4", "s": "#ff7f0e", "m": "#2ca02c", "l": "#d62728", "x": "#9467bd"}
+EXTRA_COLOURS = ["#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939",
+                 "#8c6d31", "#843c39", "#7b4173"]
+LINESTYLES = ["-", ":", "-.", (0, (3, 1, 1, 1, 1, 1)), (0, (6, 1.5)), (0, (1, 1))]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+DENSE_LS = (0, (4, 3))
+PANEL_W, PANEL_H = 4.3, 3.3
+MAX_COLS = 3  # metric panels per row before wrapping (2 metrics x 2 when recover varies)
+X_LABEL = "measured sparsity (% zero weights)"
+
+
+@dataclass
+class Style:
+    colours: dict[str, str]
+    linestyles: dict[str, object]
+    markers: dict[str, str]
+
+    @classmethod
+    def build(cls, models, methods) -> "Style":
+        colours: dict[str, str] = {}
+        spare = list(EXTRA_COLOURS)
+        for m in sorted(set(models), key=model_sort_key):
+            size = None
+            hit = re.match(r"^yolov\d+([nsmlx])", str(m))
+            if hit:
+                size = hit.group(1)
+            want = SIZE_COLOURS.get(size) if size else None
+            if want is None or want in colours.values():
+                want = spare.pop(0) if spare else "#333333"
+            colours[m] = want
+        ms = sorted(set(methods))
+        return cls(colours,
+                   {m: LINESTYLES[i % len(LINESTYLES)] for i, m in enumerate(ms)},
+                   {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(ms)})
+
+    def colour(self, model: str) -> str:
+        return self.colours.get(model, "#333333")
+
+
+@dataclass
+class Panel:
+    """One y quantity: the frame column, labels, a scale, and how to read it off a dense reference."""
+
+    column: str
+    title: str
+    ylabel: str
+    scale: float = 1.0
+    dense: Optional[Callable[[DenseRef], float]] = None
+    ref_line: Optional[float] = None
+    logy: bool = False
+
+
+def metric_panel(name: str, title: str, ylabel: str, scale: float = 1.0, logy: bool = False) -> Panel:
+    return Panel(metric(name), title, ylabel, scale, dense=lambda r, n=name: r.get(n) * scale, logy=logy)
+
+
+def retention_panel(name: str) -> Panel:
+    return Panel(f"retention.{name}", f"{name} retained", f"{name} (% of the model's dense value)",
+                 dense=lambda r, n=name: 100.0 if not math.isnan(r.get(n)) else float("nan"),
+                 ref_line=100.0)
+
+
+def _legend(fig: Figure, style: Style, models, methods, variants: list[str], dense: bool,
+            extra: Optional[list] = None) -> None:
+    handles = [Line2D([], [], color=style.colour(m), marker="o", lw=2, label=m)
+               for m in sorted(set(models), key=model_sort_key)]
+    handles += [Line2D([], [], color="0.25", ls=style.linestyles[m], marker=style.markers[m], lw=1.5,
+                       label=m) for m in sorted(set(methods))]
+    if len(variants) > 1:
+        handles += [Line2D([], [], color="0.25", ls="none", marker="o",
+                           mfc="0.25" if i == 0 else "white", label=v) for i, v in enumerate(variants)]
+    if dense:
+        handles.append(Line2D([], [], color="0.35", ls=DENSE_LS, lw=1.2, label="dense (sparsity 0)"))
+    handles += extra or []
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7),
+                   frameon=False, fontsize=8.5)
+
+
+def _no_data(ax, text: str = "no data") -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.5")
+
+
+def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], panels: list[Panel],
+                 style: Style, title: str, group_col: str = "setting", groups: Optional[list[str]] = None,
+                 facet_recover: bool = True, note: Optional[str] = None) -> Figure:
+    """Lines of ``panel.column`` versus measured sparsity, one per (model, method[, variant]).
+
+    ``points`` are finished, de-duplicated runs (dense ones included); ``refs`` the dense references
+    keyed (model, group label).
+    """
+    groups = groups or sorted(set(points[group_col]) | {g for _, g in refs})
+    recs: list[Optional[str]] = [None]
+    if facet_recover and points["recover"].nunique() > 1:
+        recs = sorted(points["recover"].unique(), key=lambda r: (r != "none", r))
+    cols = [(p, r) for p in panels for r in recs]
+    # wrap long rows (keeping the recover variants of one metric together): at most ~3 metrics a row
+    per_row = min(len(recs) * (MAX_COLS if len(recs) == 1 else max(1, 4 // len(recs))), len(cols))
+    sub_rows = math.ceil(len(cols) / per_row)
+    pruned_all = points[~points["is_dense"]]
+    variant_cols = [c for c in ("fused", "scope") if pruned_all[c].nunique() > 1]
+
+    def variant(row) -> str:
+        return " · ".join(f"{c}={row[c]}" if c == "fused" else str(row[c]) for c in variant_cols)
+
+    variants = sorted({variant(r) for _, r in pruned_all.iterrows()}) if variant_cols else [""]
+    nrows = len(groups) * sub_rows
+    fig = Figure(figsize=(max(PANEL_W * per_row, 7.5), PANEL_H * nrows + 1.3), layout="constrained")
+    grid = fig.subplots(nrows, per_row, squeeze=False)
+    for k in range(len(cols), sub_rows * per_row):  # unused cells of a wrapped row
+        for i in range(len(groups)):
+            grid[i * sub_rows + k // per_row][k % per_row].set_axis_off()
+    axes = [[grid[i * sub_rows + j // per_row][j % per_row] for j in range(len(cols))]
+            for i in range(len(groups))]
+    for i, g in enumerate(groups):
+        for j, (panel, rec) in enumerate(cols):
+            ax = axes[i][j]
+            sub = points[points[group_col] == g]
+            if rec is not None:
+                sub = sub[sub["recover"] == rec]
+            drawn = 0
+            curved_models = set()
+            pruned = sub[~sub["is_dense"]]
+            keys = ["model", "method"] + variant_cols
+            for key, c in pruned.groupby(keys, sort=False):
+                model, method = key[0], key[1]
+                c = c[c[panel.column].notna()] if panel.column in c.columns else c.iloc[0:0]
+                if c.empty:
+                    continue
+                xs = list(c["x"])
+                ys = list(c[panel.column] * panel.scale)
+                ref = refs.get((model, g))
+                if ref is not None and panel.dense is not None and not math.isnan(panel.dense(ref)):
+                    xs.insert(0, ref.x)
+                    ys.insert(0, panel.dense(ref))
+                order = np.argsort(xs, kind="stable")
+                vi = variants.index(variant(c.iloc[0])) if variant_cols else 0
+                ax.plot(np.asarray(xs)[order], np.asarray(ys)[order], color=style.colour(model),
+                        ls=style.linestyles[method], marker=style.markers[method], ms=5, lw=1.6,
+                        mfc=style.colour(model) if vi == 0 else "white", mew=1.3, zorder=3)
+                curved_models.add(model)
+                drawn += 1
+            for (model, rg), ref in refs.items():
+                if rg != g or panel.dense is None:
+                    continue
+                v = panel.dense(ref)
+                if math.isnan(v):
+                    continue
+                if panel.ref_line is None:
+                    ax.axhline(v, color=style.colour(model), ls=DENSE_LS, lw=1.1, alpha=0.75, zorder=1)
+                if model not in curved_models:  # a dense-only model: show its point
+                    ax.plot([ref.x], [v], ls="none", marker="o", ms=6, color=style.colour(model), zorder=3)
+                drawn += 1
+            if panel.ref_line is not None:
+                ax.axhline(panel.ref_line, color="0.35", ls=DENSE_LS, lw=1.1, zorder=1)
+            t = panel.title + (f" · recover={rec}" if rec is not None else "")
+            if len(groups) > 1:
+                t += f"\n{g}"
+            ax.set_title(t, fontsize=10)
+            ax.set_ylabel(panel.ylabel, fontsize=9)
+            ax.set_xlabel(X_LABEL, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+            if panel.logy and drawn:
+                ax.set_yscale("log")
+            if not drawn:
+                _no_data(ax)
+        # recovered / unrecovered panels of one metric share their y range
+        if len(recs) > 1:
+            for p_i in range(len(panels)):
+                row = [axes[i][p_i * len(recs) + k] for k in range(len(recs))]
+                lo = min(a.get_ylim()[0] for a in row)
+                hi = max(a.get_ylim()[1] for a in row)
+                for a in row:
+                    a.set_ylim(lo, hi)
+    sup = title if len(groups) > 1 else f"{title} — {groups[0]}"
+    if note:
+        sup += f"\n{note}"
+    fig.suptitle(sup, fontsize=12)
+    has_dense = any(p.dense is not None for p in panels) and bool(refs)
+    _legend(fig, style, points["model"], points["method"], variants if variant_cols else [], has_dense)
+    return fig
+
+
+def pareto_front(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats (lower-or-equal cost and higher value), by cost."""
+    order = np.lexsort((-value, cost))
+    front, best = [], -math.inf
+    for k in order:
+        if value[k] > best:
+            front.append(k)
+            best = value[k]
+    return np.asarray(front, dtype=int)
+
+
+def pareto_figure(points: pd.DataFrame, style: Style, title: str, group_col: str = "timing_setting") -> Figure:
+    costs = [(metric("ms_inference"), "mAP50-95 vs inference time", "inference (ms/image)", 1.0),
+             (metric("params_nonzero"), "mAP50-95 vs non-zero parameters", "non-zero parameters (millions)",
+              1e-6)]
+    groups = sorted(points[group_col].unique()) if len(points) else ["(no runs)"]
+    fig = Figure(figsize=(2 * 5.2, 4.0 * len(groups) + 1.3), layout="constrained")
+    axes = fig.subplots(len(groups), len(costs), squeeze=False)
+    ycol = metric("mAP50-95")
+    recovered = sorted(r for r in points["recover"].unique() if r != "none") if len(points) else []
+    for i, g in enumerate(groups):
+        sub = points[points[group_col] == g]
+        for j, (col, t, xlabel, scale) in enumerate(costs):
+            ax = axes[i][j]
+            d = sub[sub[ycol].notna() & sub[col].notna()] if col in sub.columns else sub.iloc[0:0]
+            if d.empty:
+                _no_data(ax, f"no {xlabel}")
+            else:
+                for _, r in d.iterrows():
+                    c = style.colour(r["model"])
+                    ax.plot([r[col] * scale], [r[ycol]], ls="none", marker=style.markers[r["method"]], ms=7,
+                            color=c, mfc=c if r["recover"] == "none" else "white", mew=1.4, zorder=3)
+                cost, val = d[col].to_numpy(float) * scale, d[ycol].to_numpy(float)
+                f = pareto_front(cost, val)
+                fx, fy = cost[f], val[f]
+                ax.plot(fx, fy, color="0.1", lw=1.1, drawstyle="steps-post", zorder=2)
+                ax.plot(fx, fy, ls="none", marker="o", ms=12, mfc="none", mec="0.1", mew=1.0, zorder=4)
+                for k in f:
+                    r = d.iloc[k]
+                    ax.annotate(f"{r['target']:.2f}", (cost[k], val[k]), xytext=(7, -9),
+                                textcoords="offset points", fontsize=7, color="0.15")
+                if cost.min() > 0 and cost.max() / cost.min() > 20:
+                    ax.set_xscale("log")
+            tt = t + (f"\n{g}" if len(groups) > 1 else "")
+            ax.set_title(tt, fontsize=10)
+            ax.set_xlabel(xlabel + (" — log scale" if ax.get_xscale() == "log" else ""), fontsize=9)
+            ax.set_ylabel("mAP50-95", fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            ax.tick_params(labelsize=8)
+    sup = title if len(groups) > 1 else f"{title} — {groups[0]}"
+    fig.suptitle(sup, fontsize=12)
+    extra = [Line2D([], [], color="0.1", lw=1.1, marker="o", mfc="none", ms=10,
+                    label="Pareto front (labels: target sparsity)")]
+    if recovered:
+        extra.append(Line2D([], [], ls="none", marker="o", color="0.25", mfc="white",
+                            label=f"hollow: recover={', '.join(recovered)}"))
+    _legend(fig, style, points["model"], points["method"], [], False, extra)
+    return fig
+
+
+def sensitivity_figure(runs: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], title: str) -> Figure:
+    """Heatmaps layer x target sparsity, colour = mAP50-95 drop from the dense model (points).
+
+    ``runs``: finished, de-duplicated runs with a non-empty ``include`` and target > 0.
+    """
+    combos = list(runs.groupby(["setting", "model", "method", "recover"], sort=False))
+    combos.sort(key=lambda kv: (kv[0][0], model_sort_key(kv[0][1]), kv[0][2], kv[0][3]))
+    ncols = 1 if len(combos) == 1 else 2
+    nrows = math.ceil(len(combos) / ncols)
+    layers_max = max((r["include"].map(", ".join).nunique() for _, r in combos), default=1)
+    h = max(3.2, 0.32 * layers_max + 1.6)
+    fig = Figure(figsize=(6.6 * ncols, h * nrows + 0.8), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    ycol = metric("mAP50-95")
+    for k, ((setting, model, method, recover), d) in enumerate(combos):
+        ax = axes[k // ncols][k % ncols]
+        d = d.assign(layer=d["include"].map(", ".join))
+        first = d.drop_duplicates("layer").set_index("layer")["include"]
+        layers = sorted(first.index, key=lambda l: (layer_index(first[l][0]) if first[l] else math.inf, l))
+        targets = sorted(d["target"].unique())
+        ref = refs.get((model, setting))
+        dense = ref.get("mAP50-95") if ref is not None else float("nan")
+        has_dense = not math.isnan(dense)
+        grid = np.full((len(layers), len(targets)), np.nan)
+        for _, r in d.iterrows():
+            v = r[ycol]
+            grid[layers.index(r["layer"]), targets.index(r["target"])] = 100 * (dense - v) if has_dense else 100 * v
+        finite = grid[np.isfinite(grid)]
+        if has_dense:
+            lo = float(min(finite.min(), 0.0)) if finite.size else 0.0
+            hi = float(max(finite.max(), 0.0)) if finite.size else 1.0
+            span = max(abs(lo), abs(hi), 0.1)
+            norm = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
+            im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+            cb_label = "mAP50-95 drop from dense (points)"
+        else:
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+            cb_label = "mAP50-95 (points; no dense run)"
+        if grid.size <= 400:
+            for (a, b), v in np.ndenumerate(grid):
+                if np.isfinite(v):
+                    rgba = im.cmap(im.norm(v))
+                    light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.55
+                    ax.text(b, a, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                            color="black" if light else "white")
+        ax.set_xticks(range(len(targets)), [f"{t:.2f}" for t in targets], fontsize=8)
+        ax.set_yticks(range(len(layers)), [l if len(l) <= 32 else l[:31] + "…" for l in layers], fontsize=7.5)
+        ax.set_xlabel("target sparsity of the pruned layer", fontsize=9)
+        ax.set_ylabel("pruned layer (network order)", fontsize=9)
+        dense_txt = f"dense mAP50-95 {dense:.3f}" if has_dense else "no dense run"
+        ax.set_title(f"{model} · {method} · recover={recover}\n{setting} · {dense_txt}", fontsize=9.5)
+        fig.colorbar(im, ax=ax, label=cb_label, shrink=0.9)
+    for k in range(len(combos), nrows * ncols):
+        axes[k // ncols][k % ncols].set_axis_off()
+    fig.suptitle(title, fontsize=12)
+    return fig

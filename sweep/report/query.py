@@ -1,0 +1,245 @@
+"""MLflow -> pandas: select the runs of one sweep (or of the whole experiment), one row per run.
+
+Only the tracking server is read (never the outputs folder). Selection, in order of precedence:
+
+- ``parent_run_id``: the children of that parent run (tag ``mlflow.parentRunId``);
+- ``sweep=<id>``: the job runs tagged ``sweep_id=<id>``, attached to the latest parent with that id;
+- ``sweep="all"``: every FINISHED job run of the experiment, no parent;
+- nothing: the most recent sweep, i.e. the parent run (``sweep.role=parent``) with the latest start time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Optional
+from urllib.parse import unquote, urlparse
+
+import pandas as pd
+
+from .common import ALL, ReportError
+
+log = logging.getLogger(__name__)
+
+ROLE = "sweep.role"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass
+class Selection:
+    """The runs a report is about."""
+
+    tracking_uri: str
+    experiment_id: str
+    experiment_name: str
+    sweep_id: str                      # "all" for the whole experiment
+    mode: str                          # "parent" | "sweep" | "latest" | "all"
+    parent: Optional[object] = None    # mlflow.entities.Run or None
+    runs: list = field(default_factory=list)  # list[mlflow.entities.Run], job runs only
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def parent_run_id(self) -> Optional[str]:
+        return self.parent.info.run_id if self.parent is not None else None
+
+
+def check_store(tracking_uri: str) -> None:
+    """Refuse a local store that does not exist (MLflow would silently create an empty one)."""
+    parsed = urlparse(tracking_uri)
+    path: Optional[str] = None
+    if parsed.scheme.startswith("sqlite"):
+        # SQLAlchemy: sqlite:///relative.db, sqlite:////absolute/path.db
+        raw = tracking_uri.split(":///", 1)[1] if ":///" in tracking_uri else ""
+        raw = unquote(raw.split("?", 1)[0])
+        if raw and raw != ":memory:":
+            path = raw
+    elif parsed.scheme == "file":
+        path = unquote(parsed.path)
+    elif parsed.scheme == "" and tracking_uri:
+        path = tracking_uri
+    if path is not None and not Path(path).exists():
+        raise ReportError(f"no MLflow store at {path} (tracking URI {tracking_uri}): run a sweep first, "
+                          f"or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+
+
+def client_for(tracking_uri: str):
+    check_store(tracking_uri)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _quote(value: str) -> Optional[str]:
+    """A filter-string literal, or None when the value cannot be quoted safely (filter in Python then)."""
+    if "'" in value or "\\" in value:
+        return None
+    return f"'{value}'"
+
+
+def search_all(client, experiment_ids: list[str], filter_string: str = "",
+               order_by: Optional[list[str]] = None, max_results: Optional[int] = None) -> list:
+    """Every run matching the filter (follows page tokens)."""
+    out: list = []
+    token = None
+    while True:
+        page_size = 1000 if max_results is None else min(1000, max_results - len(out))
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=page_size,
+                                  order_by=order_by, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token or (max_results is not None and len(out) >= max_results):
+            return out
+
+
+def _role(run) -> Optional[str]:
+    return run.data.tags.get(ROLE)
+
+
+def _jobs(runs: Iterable) -> list:
+    """Job runs: everything but parents (runs without a role tag count as jobs if they have a model)."""
+    out = []
+    for r in runs:
+        role = _role(r)
+        if role == "parent":
+            continue
+        if role == "job" or "model.name" in r.data.params:
+            out.append(r)
+    return out
+
+
+def _experiment(client, name: str):
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        names = [e.name for e in client.search_experiments(max_results=20)]
+        raise ReportError(f"experiment {name!r} not found in the MLflow store; "
+                          f"known experiments: {', '.join(names) or 'none'}")
+    return exp
+
+
+def _recent_sweeps(client, experiment_id: str, n: int = 5) -> list[str]:
+    parents = search_all(client, [experiment_id], f"tags.`{ROLE}` = 'parent'",
+                         order_by=["attributes.start_time DESC"], max_results=n)
+    return [p.data.tags.get("sweep_id", p.info.run_id) for p in parents]
+
+
+def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
+                parent_run_id: Optional[str] = None) -> Selection:
+    """Resolve the user's selection to a parent run (maybe none) and its job runs."""
+    if sweep is not None and parent_run_id is not None:
+        raise ReportError("give either a sweep id or a parent run id, not both")
+    client = client_for(tracking_uri)
+
+    if parent_run_id is not None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent = client.get_run(parent_run_id)
+        except MlflowException as e:
+            raise ReportError(f"parent run {parent_run_id!r} not found in {tracking_uri}") from e
+        exp = client.get_experiment(parent.info.experiment_id)
+        children = search_all(client, [exp.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+        sweep_id = parent.data.tags.get("sweep_id") or parent_run_id
+        return Selection(tracking_uri, exp.experiment_id, exp.name, sweep_id, "parent", parent,
+                         _jobs(children))
+
+    exp = _experiment(client, experiment)
+    eid = exp.experiment_id
+
+    if sweep == ALL:
+        runs = [r for r in _jobs(search_all(client, [eid])) if r.info.status == "FINISHED"]
+        return Selection(tracking_uri, eid, exp.name, ALL, "all", None, runs)
+
+    mode = "sweep"
+    if sweep is None:
+        latest = search_all(client, [eid], f"tags.`{ROLE}` = 'parent'",
+                            order_by=["attributes.start_time DESC"], max_results=1)
+        if not latest:
+            raise ReportError(f"experiment {exp.name!r} has no sweep parent runs (tag {ROLE}=parent); "
+                              f"pass --sweep ID, --parent-run-id ID or --all")
+        parent = latest[0]
+        sweep = parent.data.tags.get("sweep_id")
+        mode = "latest"
+        if not sweep:  # a parent without a sweep id: its children are the sweep
+            children = search_all(client, [eid], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+            return Selection(tracking_uri, eid, exp.name, parent.info.run_id, mode, parent, _jobs(children))
+
+    q = _quote(sweep)
+    if q is not None:
+        tagged = search_all(client, [eid], f"tags.sweep_id = {q}",
+                            order_by=["attributes.start_time DESC"])
+    else:
+        tagged = [r for r in search_all(client, [eid], order_by=["attributes.start_time DESC"])
+                  if r.data.tags.get("sweep_id") == sweep]
+    parents = [r for r in tagged if _role(r) == "parent"]
+    jobs = _jobs(tagged)
+    if not parents and not jobs:
+        recent = _recent_sweeps(client, eid)
+        raise ReportError(f"no runs with sweep_id={sweep!r} in experiment {exp.name!r}; "
+                          f"recent sweeps: {', '.join(recent) or 'none'}")
+    notes = []
+    parent = parents[0] if parents else None
+    if parent is None:
+        notes.append(f"no parent run with sweep_id={sweep}: report not attached to MLflow")
+    elif len(parents) > 1:
+        notes.append(f"{len(parents)} parent runs carry sweep_id={sweep}; attached to the latest "
+                     f"({parent.info.run_id})")
+    return Selection(tracking_uri, eid, exp.name, sweep, mode, parent, jobs, notes)
+
+
+def _ts(ms: Optional[int]) -> pd.Timestamp:
+    if ms is None:
+        return pd.NaT
+    return pd.Timestamp(datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc))
+
+
+def runs_frame(runs: list) -> pd.DataFrame:
+    """One row per run: run_id, run_name, status, start/end time, then ``params.*``, ``metrics.*``
+    and ``tags.*`` (MLflow-internal ``mlflow.*`` tags left out, except the parent id column)."""
+    rows = []
+    for r in runs:
+        row: dict = {
+            "run_id": r.info.run_id,
+            "run_name": r.info.run_name,
+            "status": r.info.status,
+            "start_time": _ts(r.info.start_time),
+            "end_time": _ts(r.info.end_time),
+            "parent_run_id": r.data.tags.get(PARENT_TAG),
+        }
+        row.update({f"params.{k}": v for k, v in r.data.params.items()})
+        row.update({f"metrics.{k}": float(v) for k, v in r.data.metrics.items()})
+        row.update({f"tags.{k}": v for k, v in r.data.tags.items() if not k.startswith("mlflow.")})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    fixed = ["run_id", "run_name", "status", "start_time", "end_time", "parent_run_id"]
+    rest = sorted(c for c in df.columns if c not in fixed)
+    order = ([c for c in rest if c.startswith("params.")] + [c for c in rest if c.startswith("metrics.")]
+             + [c for c in rest if c.startswith("tags.")])
+    return df[fixed + order]
+
+
+def find_dense_runs(selection: Selection, models: list[str]) -> list:
+    """FINISHED job runs of the experiment for these models (candidates for a missing dense reference)."""
+    client = client_for(selection.tracking_uri)
+    out = []
+    for m in models:
+        q = _quote(m)
+        if q is None:
+            continue
+        runs = search_all(client, [selection.experiment_id],
+                          f"params.`model.name` = {q} and attributes.status = 'FINISHED'",
+                          order_by=["attributes.start_time DESC"])
+        out.extend(_jobs(runs))
+    return out
+
+
+def attach(selection: Selection, files: list[Path], artifact_path: str) -> None:
+    """Log the report files on the parent run under ``artifact_path``."""
+    if selection.parent is None:
+        return
+    client = client_for(selection.tracking_uri)
+    for f in files:
+        client.log_artifact(selection.parent.info.run_id, str(f), artifact_path)

@@ -1,0 +1,440 @@
+"""Report stage: synthetic but realistic runs in a temporary sqlite MLflow store (real client, no mocks)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pandas as pd
+import pytest
+
+from sweep.report import REPORT_FILES, ReportError, build_report
+from sweep.report import figures as F
+from sweep.report import pdf as P
+from sweep.report import query as Q
+from sweep.report import tables as T
+from sweep.report.__main__ import main
+
+pypdf = pytest.importorskip("pypdf")
+mlflow = pytest.importorskip("mlflow")
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXP = "yolov5-sparsity"
+
+# dense COCO numbers close to the official yolov5 v7.0 ones (640 px); a CPU-ish speed profile
+DENSE = {
+    "yolov5n": dict(map=0.280, map50=0.457, ar100=0.409, ms=6.2, gflops=4.5, params=1_867_405, mb=3.9),
+    "yolov5s": dict(map=0.374, map50=0.568, ar100=0.517, ms=11.8, gflops=16.5, params=7_225_885, mb=14.4),
+}
+# how fast accuracy falls with sparsity: retention = 1 - k * s ** p
+DECAY = {"l1_unstructured": (0.9, 2.5), "random_unstructured": (1.6, 1.4), "bn_scale_channel": (1.2, 1.6)}
+
+
+def job_metrics(model: str, method: str, s: float, imgsz: int = 640, half: bool = False,
+                recover: str = "none", layer: int | None = None) -> dict[str, float]:
+    d = DENSE[model]
+    k, p = DECAY[method]
+    if layer is not None:  # one layer pruned: small, layer-dependent drop
+        k = k * (0.05 + 0.02 * (layer % 5))
+    if recover == "bn":
+        k *= 0.6
+    r = max(0.02, 1 - k * s ** p) * (0.93 if imgsz == 320 else 1.0) * (0.995 if half else 1.0)
+    m = {"mAP50-95": d["map"] * r, "mAP50": d["map50"] * r ** 0.8, "mAP75": d["map"] * 1.08 * r,
+         "mAP_small": d["map"] * 0.45 * r, "mAP_medium": d["map"] * 1.1 * r, "mAP_large": d["map"] * 1.3 * r,
+         "AR1": d["ar100"] * 0.55 * r, "AR10": d["ar100"] * 0.92 * r, "AR100": d["ar100"] * r ** 0.7,
+         "AR_small": d["ar100"] * 0.5 * r, "AR_medium": d["ar100"] * 1.1 * r, "AR_large": d["ar100"] * 1.3 * r}
+    channel = method == "bn_scale_channel"
+    keep = 1 - s if channel else 1.0
+    measured = s * 0.998 if layer is None else s * 0.999
+    m.update({"ms_preprocess": 0.35, "ms_inference": d["ms"] * (keep if channel else 1.0) * (imgsz / 640) ** 2,
+              "ms_nms": 1.1 * (1 + s), "images": 128, "instances": 929,
+              "sparsity_target": s, "sparsity": measured, "sparsity_global": measured * 0.97,
+              "params": d["params"] * keep, "params_nonzero": d["params"] * (keep if channel else 1 - 0.97 * s),
+              "gflops": d["gflops"] * keep * (imgsz / 640) ** 2, "size_mb": d["mb"] * keep,
+              "size_mb_compressed": d["mb"] * keep * (1 - 0.8 * s),
+              "latency_b1_ms": d["ms"] * 1.4, "latency_b32_ms_per_image": d["ms"] * 0.8})
+    return m
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow sqlite database: copied per test (creating one costs seconds)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+class Store:
+    """A temporary sqlite MLflow store with one helper to log a whole sweep."""
+
+    def __init__(self, root: Path, template: Path | None = None):
+        self.root = root
+        if template is not None:
+            shutil.copyfile(template, root / "mlflow.db")
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+        self.t0 = int(time.time() * 1000) - 3_600_000
+        self.exps: dict[str, str] = {}
+
+    def experiment(self, name: str = EXP) -> str:
+        if name not in self.exps:
+            self.exps[name] = self.client.create_experiment(name, artifact_location=str(self.root / "art" / name))
+        return self.exps[name]
+
+    def sweep(self, sweep_id: str, jobs: list[dict], exp: str = EXP, start_offset_s: int = 0,
+              parent: bool = True) -> tuple[str | None, list[str]]:
+        c, eid = self.client, self.experiment(exp)
+        start = self.t0 + start_offset_s * 1000
+        pid = None
+        if parent:
+            pid = c.create_run(eid, start_time=start, run_name=f"sweep-{sweep_id}",
+                               tags={"sweep_id": sweep_id, "sweep.role": "parent"}).info.run_id
+        ids = []
+        for i, j in enumerate(jobs):
+            ids.append(self.job(eid, sweep_id, pid, start + 1000 * (i + 1), **j))
+        if pid:
+            c.set_terminated(pid, "FINISHED", end_time=start + 1000 * (len(jobs) + 2))
+        return pid, ids
+
+    def job(self, eid: str, sweep_id: str, pid: str | None, start: int, model: str, method: str, s: float,
+            recover: str = "none", data: str = "coco-val128", imgsz: int = 640, half: bool = False,
+            include: list[str] | None = None, status: str = "FINISHED", drop: tuple[str, ...] = (),
+            device: str = "Intel Xeon CPU") -> str:
+        include = include or []
+        tags = {"sweep_id": sweep_id, "sweep.role": "job", "config_hash": f"h{hash((model, method, s, recover, imgsz, half, tuple(include))) & 0xffffffff:08x}",
+                "git_commit": "0123456789abcdef0123456789abcdef01234567", "device_name": device}
+        if pid:
+            tags["mlflow.parentRunId"] = pid
+        run = self.client.create_run(eid, start_time=start, tags=tags, run_name=f"{model}-{method}-s{s:.2f}")
+        rid = run.info.run_id
+        params = {"model.name": model, "prune.method": method, "prune.fused": "True",
+                  "prune.include": str(include), "prune.exclude": "[]", "sparsity": str(s),
+                  "data.name": data, "eval.imgsz": str(imgsz), "eval.half": str(half),
+                  "eval.device": "cpu", "eval.batch": "32", "recover.method": recover}
+        metrics = []
+        if status == "FINISHED":
+            layer = int(include[0].split(".")[1]) if include else None
+            vals = job_metrics(model, method, s, imgsz, half, recover, layer)
+            metrics = [Metric(k, float(v), start + 500, 0) for k, v in vals.items() if k not in drop]
+        else:
+            self.client.set_tag(rid, "error", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
+        self.client.set_terminated(rid, status, end_time=start + 900)
+        return rid
+
+
+def grid(models=("yolov5n", "yolov5s"), methods=("l1_unstructured", "random_unstructured"),
+         sparsities=(0.0, 0.3, 0.5, 0.7), **kw) -> list[dict]:
+    return [dict(model=m, method=me, s=s, **kw) for m in models for me in methods for s in sparsities]
+
+
+def png_ok(path: Path) -> tuple[int, int]:
+    assert path.stat().st_size > 10_000, path
+    img = mpimg.imread(path)
+    h, w = img.shape[:2]
+    assert 400 <= w <= 5000 and 300 <= h <= 5000, (path, w, h)
+    return w, h
+
+
+def pdf_pages(path: Path) -> int:
+    return len(pypdf.PdfReader(str(path)).pages)
+
+
+# ------------------------------------------------------------------ the main sweep
+
+
+@pytest.fixture(scope="module")
+def main_sweep(tmp_path_factory, empty_db):
+    root = tmp_path_factory.mktemp("mlf")
+    st = Store(root, empty_db)
+    jobs = grid() + [dict(model="yolov5s", method="l1_unstructured", s=0.9, status="FAILED")]
+    pid, ids = st.sweep("2024-05-01_10-00-00", jobs)
+    out = build_report(st.uri, EXP, sweep="2024-05-01_10-00-00", out_root=root / "reports")
+    return st, pid, ids, out
+
+
+def test_main_sweep_files(main_sweep):
+    st, pid, ids, out = main_sweep
+    assert out == st.root / "reports" / "2024-05-01_10-00-00"
+    expected = set(REPORT_FILES) - {"sensitivity.png"}
+    assert {p.name for p in out.iterdir()} == expected
+    for name in expected:
+        if name.endswith(".png"):
+            png_ok(out / name)
+    # title + 4 figures + results table (17 rows -> one page)
+    assert pdf_pages(out / "report.pdf") == 1 + 4 + P.table_pages(pd.DataFrame(index=range(17)))
+    assert pdf_pages(out / "report.pdf") == 6
+    assert not list(st.root.joinpath("reports").glob(".*")), "temporary folder left behind"
+
+
+def test_main_sweep_csv(main_sweep):
+    st, pid, ids, out = main_sweep
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 17 and set(df["run_id"]) == set(ids)
+    for col in ("params.model.name", "params.prune.method", "params.sparsity", "params.eval.imgsz",
+                "metrics.mAP50-95", "metrics.AR100", "metrics.sparsity", "metrics.latency_b1_ms",
+                "tags.sweep_id", "tags.config_hash", "report.outcome", "report.delta.mAP50-95"):
+        assert col in df.columns, col
+    row = df[(df["params.model.name"] == "yolov5s") & (df["params.prune.method"] == "random_unstructured")
+             & (df["params.sparsity"] == 0.5)].iloc[0]
+    want = job_metrics("yolov5s", "random_unstructured", 0.5)
+    assert row["metrics.mAP50-95"] == pytest.approx(want["mAP50-95"])
+    assert row["metrics.gflops"] == pytest.approx(want["gflops"])
+    assert row["report.delta.mAP50-95"] == pytest.approx(want["mAP50-95"] - DENSE["yolov5s"]["map"])
+    assert row["status"] == "FINISHED" and row["report.outcome"] == "ok"
+    failed = df[df["status"] == "FAILED"]
+    assert len(failed) == 1 and failed.iloc[0]["report.outcome"] == "failed"
+    assert math.isnan(failed.iloc[0]["metrics.mAP50-95"])
+    assert "out of memory" in failed.iloc[0]["tags.error"]
+
+
+def test_main_sweep_markdown(main_sweep):
+    st, pid, ids, out = main_sweep
+    md = (out / "results.md").read_text()
+    rows = [l for l in md.splitlines() if l.startswith("| yolov5")]
+    assert len(rows) == 17
+    head = next(l for l in md.splitlines() if l.startswith("| model"))
+    for col in ("model", "method", "target", "measured", "mAP50-95", "Δ vs dense", "mAP50", "AR100",
+                "ms/image", "GFLOPs"):
+        assert f" {col} " in head
+    failed = [l for l in rows if "FAILED" in l]
+    assert len(failed) == 1 and "missing" in failed[0] and "out of memory" in failed[0]
+    dense_s = next(l for l in rows if l.startswith("| yolov5s | l1_unstructured | 0.00 "))
+    assert "| 0.374 | +0.000 (+0.0%) |" in dense_s
+    assert "2024-05-01_10-00-00" in md and "![pareto](pareto.png)" in md
+
+
+def test_main_sweep_artifacts(main_sweep):
+    st, pid, ids, out = main_sweep
+    arts = st.client.list_artifacts(pid, "report")
+    assert {Path(a.path).name for a in arts} == {p.name for p in out.iterdir()}
+    assert all(a.path.startswith("report/") for a in arts)
+    for child in ids:  # nothing logged on the jobs
+        assert st.client.list_artifacts(child) == []
+
+
+def test_pdf_is_vector_with_title_page(main_sweep):
+    st, pid, ids, out = main_sweep
+    reader = pypdf.PdfReader(str(out / "report.pdf"))
+    first = reader.pages[0].extract_text()
+    for s in ("2024-05-01_10-00-00", "yolov5n", "yolov5s", "l1_unstructured", "coco-val128",
+              "Intel Xeon CPU", "0123456789ab"):
+        assert s in first, s
+    for page in reader.pages[1:5]:  # figures: vector drawings, no raster images
+        assert len(page.images) == 0
+    assert "yolov5s" in reader.pages[5].extract_text()  # the table page is text
+
+
+def test_rebuild_by_parent_run_id(main_sweep, tmp_path):
+    st, pid, ids, out = main_sweep
+    a = build_report(st.uri, EXP, parent_run_id=pid, out_root=tmp_path / "a", attach=False)
+    assert a == tmp_path / "a" / "2024-05-01_10-00-00"
+    assert sorted(pd.read_csv(a / "results.csv")["run_id"]) == sorted(ids)
+    latest = Q.select_runs(st.uri, EXP)  # default: the most recent sweep
+    assert latest.mode == "latest" and latest.parent_run_id == pid
+    assert sorted(r.info.run_id for r in latest.runs) == sorted(ids)
+
+
+# ------------------------------------------------------------------ selection across sweeps
+
+
+def test_latest_sweep_and_all(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+    old_pid, old = st.sweep("old", grid(models=("yolov5n",), methods=("l1_unstructured",)), start_offset_s=0)
+    new_pid, new = st.sweep("new", grid(models=("yolov5s",), methods=("l1_unstructured",))
+                            + [dict(model="yolov5s", method="l1_unstructured", s=0.9, status="FAILED")],
+                            start_offset_s=600)
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    assert out.name == "new"
+    assert set(pd.read_csv(out / "results.csv")["run_id"]) == set(new)
+    assert st.client.list_artifacts(new_pid, "report") and not st.client.list_artifacts(old_pid)
+
+    out_all = build_report(st.uri, EXP, sweep="all", out_root=tmp_path / "r")
+    assert out_all == tmp_path / "r" / "all"
+    df = pd.read_csv(out_all / "results.csv")
+    assert set(df["run_id"]) == set(old) | set(new[:-1])  # finished job runs only, no parents
+    assert (df["status"] == "FINISHED").all()
+    assert pdf_pages(out_all / "report.pdf") == 6
+
+
+def test_unknown_sweep_lists_recent(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+    st.sweep("s1", grid(models=("yolov5n",), methods=("l1_unstructured",), sparsities=(0.0, 0.5)))
+    with pytest.raises(ReportError, match=r"no runs with sweep_id='nope'.*s1"):
+        build_report(st.uri, EXP, sweep="nope", out_root=tmp_path / "r")
+    with pytest.raises(ReportError, match="experiment 'other' not found"):
+        build_report(st.uri, "other", out_root=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ edge cases
+
+
+def test_all_failed_raises_and_writes_nothing(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+    jobs = [dict(model="yolov5n", method="l1_unstructured", s=s, status="FAILED") for s in (0.0, 0.5)]
+    pid, _ = st.sweep("bad", jobs)
+    with pytest.raises(ReportError, match=r"all 2 runs of sweep 'bad' failed.*out of memory"):
+        build_report(st.uri, EXP, out_root=tmp_path / "r")
+    assert not list((tmp_path / "r").rglob("*.pdf")) if (tmp_path / "r").exists() else True
+    assert not (tmp_path / "r" / "bad").exists()
+    assert st.client.list_artifacts(pid) == []
+
+
+def test_one_point_without_dense_or_optional_metrics(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+    drop = ("latency_b1_ms", "latency_b32_ms_per_image", "ms_preprocess", "ms_nms", "size_mb_compressed")
+    st.sweep("one", [dict(model="yolov5n", method="l1_unstructured", s=0.5, drop=drop)])
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    for name in ("accuracy_vs_sparsity.png", "retention_vs_sparsity.png", "speed_vs_sparsity.png", "pareto.png"):
+        png_ok(out / name)
+    assert pdf_pages(out / "report.pdf") == 6
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 1 and "metrics.latency_b1_ms" not in df.columns
+    md = (out / "results.md").read_text()
+    assert "no dense run of yolov5n" in md
+
+
+def test_dense_only_single_model(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+    st.sweep("dense", [dict(model="yolov5s", method="l1_unstructured", s=0.0)])
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    assert pdf_pages(out / "report.pdf") == 6
+    png_ok(out / "accuracy_vs_sparsity.png")
+
+
+def test_dense_reference_from_earlier_sweep(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+    _, (dense_id,) = st.sweep("base", [dict(model="yolov5n", method="l1_unstructured", s=0.0)])
+    st.sweep("pruned", [dict(model="yolov5n", method="l1_unstructured", s=s) for s in (0.3, 0.6)],
+             start_offset_s=100)
+    out = build_report(st.uri, EXP, sweep="pruned", out_root=tmp_path / "r")
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 2
+    assert df["report.dense.mAP50-95"].tolist() == pytest.approx([DENSE["yolov5n"]["map"]] * 2)
+    assert dense_id in (out / "results.md").read_text()
+
+
+def test_mixed_imgsz_and_half_are_split(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+    jobs = (grid(models=("yolov5n",), methods=("l1_unstructured",), sparsities=(0.0, 0.5))
+            + grid(models=("yolov5n",), methods=("l1_unstructured",), sparsities=(0.0, 0.5), imgsz=320)
+            + grid(models=("yolov5n",), methods=("l1_unstructured",), sparsities=(0.0, 0.5), half=True))
+    st.sweep("mixed", jobs)
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    df = pd.read_csv(out / "results.csv")
+    assert sorted(df["report.setting"].unique()) == ["coco-val128 · 320px · FP32", "coco-val128 · 640px · FP16",
+                                                      "coco-val128 · 640px · FP32"]
+    # every run is compared with the dense run of its own setting
+    r320 = df[(df["params.eval.imgsz"] == 320) & (df["params.sparsity"] == 0.5)].iloc[0]
+    d320 = df[(df["params.eval.imgsz"] == 320) & (df["params.sparsity"] == 0.0)].iloc[0]
+    assert r320["report.delta.mAP50-95"] == pytest.approx(r320["metrics.mAP50-95"] - d320["metrics.mAP50-95"])
+    md = (out / "results.md").read_text()
+    assert "| setting |" in md.splitlines()[next(i for i, l in enumerate(md.splitlines()) if l.startswith("| model"))].replace("| model | method ", "| ")
+    assert "never mixed on one curve" in md
+    # one row of panels per setting: the accuracy figure is three panel rows tall
+    w, h = png_ok(out / "accuracy_vs_sparsity.png")
+    assert h > 0.75 * w
+    norm = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs))
+    refs = T.dense_refs(norm)
+    fig = F.curve_figure(T.dedupe(norm), refs, [F.metric_panel("mAP50-95", "mAP50-95", "mAP50-95")],
+                         F.Style.build(norm["model"], norm["method"]), "t")
+    assert len([a for a in fig.axes if a.get_title()]) == 3
+    assert all(len(a.get_lines()) == 2 for a in fig.axes[:3])  # one curve + one dense line each
+
+
+def test_recover_side_by_side(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+    jobs = grid(models=("yolov5n",), methods=("l1_unstructured",)) + \
+        grid(models=("yolov5n",), methods=("l1_unstructured",), sparsities=(0.3, 0.5, 0.7), recover="bn")
+    st.sweep("rec", jobs)
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    assert pdf_pages(out / "report.pdf") == 6
+    norm = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs))
+    fig = F.curve_figure(T.dedupe(norm), T.dense_refs(norm),
+                         [F.metric_panel("mAP50-95", "mAP50-95", "mAP50-95"), F.metric_panel("AR100", "AR100", "AR100")],
+                         F.Style.build(norm["model"], norm["method"]), "t")
+    titles = [a.get_title() for a in fig.axes]
+    assert titles == ["mAP50-95 · recover=none", "mAP50-95 · recover=bn", "AR100 · recover=none",
+                      "AR100 · recover=bn"]
+    assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()  # comparable side by side
+
+
+def test_sensitivity_heatmap(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+    layers = ["model.0.conv", "model.2.cv1.conv", "model.10.conv", "model.24.m.0"]
+    jobs = [dict(model="yolov5n", method="l1_unstructured", s=0.0)]
+    jobs += [dict(model="yolov5n", method="l1_unstructured", s=s, include=[l]) for l in layers for s in (0.3, 0.6, 0.9)]
+    st.sweep("sens", jobs)
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    assert {p.name for p in out.iterdir()} == set(REPORT_FILES)
+    png_ok(out / "sensitivity.png")
+    assert pdf_pages(out / "report.pdf") == 1 + 5 + 1
+    norm = T.add_dense_columns(T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs)),
+                               refs := T.dense_refs(T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs))))
+    sens = norm[norm["include"].map(bool)]
+    fig = F.sensitivity_figure(sens, refs, "t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == layers  # network order, not lexicographic
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.30", "0.60", "0.90"]
+    assert "per-layer" in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_errors_exit_2(tmp_path, capsys, empty_db):
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    assert main(["--tracking-uri", f"sqlite:///{missing}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep.report: error: no MLflow store at") and err.count("\n") == 1
+    assert not missing.exists() and not missing.parent.exists()
+
+    st = Store(tmp_path, empty_db)
+    st.sweep("s1", [dict(model="yolov5n", method="l1_unstructured", s=0.5, status="FAILED")])
+    assert main(["--tracking-uri", st.uri, "--sweep", "s1", "--out", str(tmp_path / "r")]) == 2
+    assert "failed" in capsys.readouterr().err
+    assert main(["--tracking-uri", st.uri, "--parent-run-id", "0" * 32]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_builds_and_module_entry_point(tmp_path, capsys, empty_db):
+    st = Store(tmp_path, empty_db)
+    st.sweep("cli", grid(models=("yolov5n",), methods=("l1_unstructured",), sparsities=(0.0, 0.5)))
+    assert main(["--tracking-uri", st.uri, "--out", str(tmp_path / "r"), "--no-attach"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == tmp_path / "r" / "cli"
+    assert (tmp_path / "r" / "cli" / "report.pdf").is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["--sweep", "a", "--all"])
+    assert e.value.code == 2
+    # the real `python -m sweep.report`: a clear one-line error, exit 2, no traceback
+    bad = subprocess.run([sys.executable, "-m", "sweep.report", "--tracking-uri", st.uri, "--sweep", "nope"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "sweep.report: error: no runs with sweep_id='nope'" in bad.stderr
+
+
+# ------------------------------------------------------------------ units
+
+
+def test_pareto_front():
+    import numpy as np
+
+    cost = np.array([5.0, 1.0, 3.0, 2.0, 4.0])
+    val = np.array([0.9, 0.2, 0.5, 0.1, 0.5])
+    assert F.pareto_front(cost, val).tolist() == [1, 2, 0]
+
+
+def test_parsers_and_order():
+    assert T.parse_list("[]") == () and T.parse_list("['model.3.conv', 'model.4.*']") == ("model.3.conv", "model.4.*")
+    assert T.parse_bool("True") is True and T.parse_bool("False") is False and T.parse_bool("None") is None
+    assert sorted(["yolov5x", "yolov5n", "custom", "yolov5m", "yolov5s"], key=T.model_sort_key) == \
+        ["yolov5n", "yolov5s", "yolov5m", "yolov5x", "custom"]
+    style = F.Style.build(["yolov5s", "yolov5n"], ["a"])
+    assert style.colour("yolov5n") == F.SIZE_COLOURS["n"] and style.colour("yolov5s") == F.SIZE_COLOURS["s"]
