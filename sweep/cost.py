@@ -21,16 +21,20 @@ Definitions (all measured on the model as evaluated, i.e. after pruning and fusi
     convolution as ``2 * MACs`` (multiply and add) and ignores bias adds, BatchNorm,
     activations, upsampling, concatenation and the Detect grid arithmetic, so the figure
     is the same fused or unfused and is directly comparable to YOLOv5's "GFLOPs"
-    (``thop`` MACs * 2, bias included, scaled to 640): yolov5n fused at 640x640 reports
-    4.5 GFLOPs in YOLOv5 and 4.5 here (4.49, see tests/test_cost.py). Zeros do not reduce
-    it (dense kernels still multiply them); only ``channel`` pruning does.
+    (``thop`` MACs * 2 with bias adds, scaled to 640): yolov5n fused at 640x640 is 4.5
+    GFLOPs in YOLOv5 and 4.468 here (rounds to 4.5; the difference is thop's bias adds and
+    upsample ops, see tests/test_cost.py). Zeros do not reduce it (dense kernels still
+    multiply them); only ``channel`` pruning does. GFLOPs scale with H*W.
 ``size_mb`` / ``size_mb_compressed``
     ``len(torch.save(model.state_dict()))`` in MB = 10^6 bytes (decimal megabytes, like
     file managers and YOLOv5's own size prints of ``os.path.getsize / 1e6``), the
     tensors in their current dtype (FP32 after ``load_checkpoint``; the official
     checkpoint file is FP16 and about half). ``size_mb_compressed`` is the same bytes
     compressed with Zstandard at level :data:`ZSTD_LEVEL`: what unstructured zeros buy on
-    disk (the dense file does not shrink at all).
+    disk (the dense file does not shrink at all). Beware comparing across dtypes: FP16
+    checkpoint weights upcast to FP32 carry 13 zero mantissa bits and compress well
+    (yolov5n unfused 7.64 -> 4.54 MB) while BN-folded FP32 weights do not (7.51 -> 6.82 MB);
+    compare pruned against dense at the same fusion state and dtype.
 """
 
 from __future__ import annotations

@@ -39,8 +39,13 @@ Methods (what they zero or remove, and what speed-up to expect):
     (``torch_pruning.pruner.BasePruner``, ``MagnitudeImportance(p=2)``, local ratio
     ``sparsity`` per layer group, channel counts rounded to multiples of ``cfg.round_to``,
     at least ``round_to`` channels kept). The Detect head's output convolutions are never
-    pruned (outputs keep ``no = 5 + nc`` per anchor), nor are unselected layers.
-    Tensors really shrink: fewer parameters, FLOPs, bytes and lower latency.
+    pruned (outputs keep ``no = 5 + nc`` per anchor), nor are unselected layers or the
+    layers coupled with them (e.g. both sides of a residual add).
+    Tensors really shrink: fewer parameters, FLOPs, bytes and lower latency. yolov5n at
+    0.3: 1,867,405 -> 945,733 parameters (50.6%), 4.47 -> 2.33 GFLOPs at 640 (in and out
+    channels both shrink, ~0.7^2). Without recovery accuracy collapses (yolov5n at 0.1 or
+    0.2 keeps no box above objectness 0.25 on a COCO image); ``prune.fused=false`` plus
+    BatchNorm recalibration (``recover``) brings detections back.
 
 Fused vs unfused order (``cfg.fused``): :func:`prune_model` does ``fuse -> prune``
 (True, the tutorial: the zeros are placed in the BN-folded weights) or ``prune -> fuse``
@@ -305,7 +310,10 @@ def channel(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
     """Remove output channels with Torch-Pruning (DepGraph, L2 magnitude, local ratio).
 
     ``sparsity`` is the fraction of output channels removed from each prunable layer group
-    (before rounding kept counts to multiples of ``cfg.round_to``). Layers not selected by
+    (Torch-Pruning keeps ``int(C * (1 - sparsity))``, then the kept count is rounded to the
+    nearest multiple of ``cfg.round_to``, at least one multiple: 16 channels at 0.3 keep
+    8, 256 keep 176). The rounding override relies on ``BasePruner._round_to`` (present
+    in torch-pruning 1.5/1.6; without it Torch-Pruning's floor rounding applies). Layers not selected by
     include/exclude and the Detect head's output convs keep their output channels (their
     input channels follow the layers feeding them). Works on fused and unfused models (the
     BatchNorm layers of an unfused model are pruned along with their convs).

@@ -438,6 +438,16 @@ def test_channel_respects_exclude():
     assert model.model[0].conv.out_channels == 8
 
 
+def test_channel_coupled_layers_follow_an_excluded_partner():
+    # The residual add couples C3ish.cv1's outputs with the bottleneck's cv2 outputs: excluding
+    # one of them keeps the whole coupled group; the uncoupled layers are still pruned.
+    model = channel_prune(make_tiny(), 0.5, exclude=["model.4.*", "model.2.m.cv2*"])
+    c3 = model.model[2]
+    assert c3.cv1.conv.out_channels == c3.m.cv2.conv.out_channels == 16
+    assert c3.m.cv1.conv.out_channels == 8 and c3.cv2.conv.out_channels == 8
+    assert model(torch.zeros(1, 3, 32, 32)).shape == make_tiny()(torch.zeros(1, 3, 32, 32)).shape
+
+
 # --------------------------------------------------------------------------- real yolov5n
 
 COCO_IMAGE = "images/val2017/000000000139.jpg"  # living room: people, chairs, tv, plants...
