@@ -259,8 +259,12 @@ def _refusal_message(path: Path, torch_message: str) -> str:
 def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)`` admitting only our allowlist; errors -> CheckpointError."""
     try:
-        with _LOAD_LOCK, torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with _LOAD_LOCK:
+            # entries the caller registered already stay registered after the context exits
+            registered = set(torch.serialization.get_safe_globals())
+            entries = [e for e in _safe_globals() if e not in registered]
+            with torch.serialization.safe_globals(entries):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(_refusal_message(path, str(e))) from e
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
@@ -302,14 +306,28 @@ def _official_parts(obj: Any, path: Path) -> tuple[nn.Module, Mapping[str, Any]]
     return chosen, obj
 
 
-def _state_dict_fp32(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The state_dict with legacy buffers dropped and floating tensors in FP32."""
-    out = {}
-    for key, value in module.state_dict().items():
-        if key.rsplit(".", 1)[-1] in LEGACY_BUFFERS:
-            continue
-        out[key] = value.float() if value.is_floating_point() else value
-    return out
+def _without_hooks(module: nn.Module) -> None:
+    """Empty every hook registry in the unpickled tree, so state_dict() calls nothing from the file."""
+    for m in module.modules():
+        for attr in [k for k in vars(m) if k.startswith("_") and "hooks" in k]:
+            if isinstance(getattr(m, attr), dict):
+                setattr(m, attr, OrderedDict())
+
+
+def _state_dict_fp32(module: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """The unpickled tree's state_dict, legacy buffers dropped, floating tensors in FP32."""
+    try:
+        _without_hooks(module)
+        state = module.state_dict()
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load {path}: its model object is malformed ({e})") from e
+    return _fp32({k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in LEGACY_BUFFERS}, path)
+
+
+def _fp32(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"cannot load {path}: its state_dict is not a mapping of tensors")
+    return {str(k): v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -333,7 +351,10 @@ def _build(yaml: Any, path: Path) -> DetectionModel:
 def _check_stride(model: DetectionModel, stride: Any, path: Path) -> None:
     if stride is None:
         return
-    saved = torch.as_tensor(stride, dtype=torch.float32).flatten()
+    try:
+        saved = torch.as_tensor(stride, dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load {path}: its stride {stride!r} is not a list of numbers") from e
     if saved.shape != model.stride.shape or not torch.equal(saved, model.stride.float()):
         raise CheckpointError(f"cannot load {path}: it says stride {saved.tolist()}, the model built "
                               f"from its yaml has {model.stride.tolist()}")
@@ -342,7 +363,7 @@ def _check_stride(model: DetectionModel, stride: Any, path: Path) -> None:
 def _from_official(obj: Any, path: Path) -> tuple[DetectionModel, dict[str, Any]]:
     pickled, _ = _official_parts(obj, path)
     model = _build(getattr(pickled, "yaml", None), path)
-    _load_strict(model, _state_dict_fp32(pickled), path)
+    _load_strict(model, _state_dict_fp32(pickled, path), path)
     _check_stride(model, getattr(pickled, "stride", None), path)
     model.names = _checked_names(getattr(pickled, "names", None), model.yaml["nc"], path)
     return model, {}
@@ -457,7 +478,7 @@ def _apply_layer_specs(model: nn.Module, specs: Mapping[str, Mapping[str, Any]],
         if name in specs:
             try:
                 setattr(parent, attr, _module_from_spec(specs[name]))
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, KeyError) as e:
                 raise CheckpointError(f"cannot load {path}: bad layer description for {name}: {e}") from e
         elif isinstance(parent, Conv) and attr == "bn":
             del parent.bn
@@ -470,12 +491,15 @@ def _from_ours(obj: Mapping[str, Any], path: Path) -> tuple[DetectionModel, dict
         raise CheckpointError(f"cannot load {path}: format version {obj.get('version')!r} is not "
                               f"supported (this code reads version {FORMAT_VERSION})")
     model = _build(obj.get("yaml"), path)
-    _apply_layer_specs(model, obj.get("layers") or {}, path)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
-    _load_strict(model, state, path)
+    layers = obj.get("layers") or {}
+    if not isinstance(layers, Mapping) or not all(isinstance(v, Mapping) for v in layers.values()):
+        raise CheckpointError(f"cannot load {path}: its 'layers' entry is not a mapping of layer descriptions")
+    _apply_layer_specs(model, layers, path)
+    _load_strict(model, _fp32(obj.get("state_dict"), path), path)
     _check_stride(model, obj.get("stride"), path)
     model.names = _checked_names(obj.get("names"), model.yaml["nc"], path)
-    return model, dict(obj.get("meta") or {})
+    meta = obj.get("meta") or {}
+    return model, dict(meta) if isinstance(meta, Mapping) else {}
 
 
 # ---------------------------------------------------------------------------------------

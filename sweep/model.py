@@ -386,7 +386,13 @@ class DetectionModel(nn.Module):
         super().__init__()
         self.yaml = copy.deepcopy(dict(yaml))
         if nc is not None:
-            self.yaml["nc"] = int(nc)
+            self.yaml["nc"] = nc
+        if isinstance(self.yaml.get("nc"), bool) or not isinstance(self.yaml.get("nc"), int) \
+                or self.yaml["nc"] < 1:
+            raise ModelError(f"nc={self.yaml.get('nc')!r} is invalid: allowed is an integer >= 1")
+        for key in ("depth_multiple", "width_multiple", "anchors", "backbone", "head"):
+            if key not in self.yaml:
+                raise ModelError(f"the model yaml has no {key!r}")
         in_channels = int(self.yaml.get("ch", 3))
         self.yaml["ch"] = in_channels
         self.model, self.save = _parse_rows(self.yaml, in_channels)
@@ -419,8 +425,10 @@ class DetectionModel(nn.Module):
         detect: Detect = self.model[-1]
         was_training = self.training
         self.eval()
-        _, raw = self.forward(torch.zeros(1, in_channels, STRIDE_PROBE, STRIDE_PROBE))
-        self.train(was_training)
+        try:
+            _, raw = self.forward(torch.zeros(1, in_channels, STRIDE_PROBE, STRIDE_PROBE))
+        finally:
+            self.train(was_training)
         detect.stride.copy_(torch.tensor([STRIDE_PROBE / r.shape[2] for r in raw]))
         detect.anchors /= detect.stride.view(-1, 1, 1)
         _check_anchor_order(detect)

@@ -442,3 +442,29 @@ def test_our_format_needs_no_extra_globals(tmp_path):
     assert all(not g.startswith(("models.", "sweep.", "numpy")) for g in scan_globals(path))
     data = torch.load(path, map_location="cpu", weights_only=True)  # no allowlist needed at all
     assert data["format"] == ck.FORMAT and data["version"] == ck.FORMAT_VERSION
+
+
+@pytest.mark.assets
+def test_callers_own_safe_globals_survive_a_load(yolov5n_path):
+    with torch.serialization.safe_globals([nn.Conv2d]):
+        load_checkpoint(yolov5n_path)
+        assert nn.Conv2d in torch.serialization.get_safe_globals()
+
+
+def test_malformed_files_in_our_format(tmp_path):
+    good = torch.load(save_checkpoint(build_model(TINY), tmp_path / "good.pt"), weights_only=True)
+    bad_layer = {**good["layers"], "model.0.conv.conv": {"kind": "Conv2d"}}
+    cases = {  # file content -> expected message part
+        "version": ({**good, "version": 99}, "format version 99"),
+        "tensors": ({**good, "state_dict": {"model.0.conv.conv.weight": [1, 2, 3]}}, "not a mapping of tensors"),
+        "layer": ({**good, "layers": bad_layer}, "bad layer description for model.0.conv.conv"),
+        "missing": ({**good, "layers": {}}, "missing from the saved structure"),
+        "yaml": ({**good, "yaml": None}, "no model yaml"),
+        "fit": ({**good, "state_dict": {}}, "weights do not fit"),
+    }
+    for name, (data, expected) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(data, path)
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        assert str(err.value).startswith(f"cannot load {path}: ") and expected in str(err.value)

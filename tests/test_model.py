@@ -236,3 +236,12 @@ def test_fused_matches_unfused_on_real_image(yolov5n_path, val128_dir):
     assert ((pred0[..., :4] - pred1[..., :4]) / max(x.shape[-2:])).abs().max().item() < 1e-3
     assert (pred0[..., :4] - pred1[..., :4]).abs().max().item() < 1e-2  # pixels
     assert pred0[0, :, 4].max() > 0.5  # the model sees something in a real image
+
+
+def test_bad_yaml_values():
+    with pytest.raises(ModelError, match="nc=0"):
+        build_model(tiny_yaml(), nc=0)
+    with pytest.raises(ModelError, match="'head'"):
+        build_model({k: v for k, v in tiny_yaml().items() if k != "head"})
+    with pytest.raises(ModelError, match="no model yaml"):
+        load_model_yaml("yolov9000")
