@@ -231,11 +231,11 @@ def test_pdf_is_vector_with_title_page(main_sweep):
     assert "yolov5s" in reader.pages[5].extract_text()  # the table page is text
 
 
-def test_rebuild_by_parent_run_id(main_sweep, tmp_path):
+def test_select_by_parent_run_id_and_latest(main_sweep):
     st, pid, ids, out = main_sweep
-    a = build_report(st.uri, EXP, parent_run_id=pid, out_root=tmp_path / "a", attach=False)
-    assert a == tmp_path / "a" / "2024-05-01_10-00-00"
-    assert sorted(pd.read_csv(a / "results.csv")["run_id"]) == sorted(ids)
+    by_parent = Q.select_runs(st.uri, EXP, parent_run_id=pid)
+    assert by_parent.mode == "parent" and by_parent.sweep_id == "2024-05-01_10-00-00"
+    assert sorted(r.info.run_id for r in by_parent.runs) == sorted(ids)
     latest = Q.select_runs(st.uri, EXP)  # default: the most recent sweep
     assert latest.mode == "latest" and latest.parent_run_id == pid
     assert sorted(r.info.run_id for r in latest.runs) == sorted(ids)

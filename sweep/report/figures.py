@@ -250,6 +250,7 @@ def pareto_figure(points: pd.DataFrame, style: Style, title: str, group_col: str
                                 textcoords="offset points", fontsize=7, color="0.15")
                 if cost.min() > 0 and cost.max() / cost.min() > 20:
                     ax.set_xscale("log")
+                ax.margins(x=0.1, y=0.06)  # room for the front labels
             tt = t + (f"\n{g}" if len(groups) > 1 else "")
             ax.set_title(tt, fontsize=10)
             ax.set_xlabel(xlabel + (" — log scale" if ax.get_xscale() == "log" else ""), fontsize=9)

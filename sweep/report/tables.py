@@ -189,11 +189,13 @@ def dense_refs(df: pd.DataFrame, group: str = "setting",
     with its most recent run.
     """
     out: dict[tuple[str, str], DenseRef] = {}
+    ok = df[df["outcome"] == "ok"]
+    wanted = set(zip(ok["model"], ok[group]))
 
     def build(frame: pd.DataFrame, outside: bool) -> None:
         d = frame[(frame["outcome"] == "ok") & frame["is_dense"]]
         for (model, g), runs in d.groupby(["model", group], sort=False):
-            if (model, g) in out:
+            if (model, g) in out or (outside and (model, g) not in wanted):
                 continue
             pref = runs[runs["recover"] == "none"]
             runs = pref if len(pref) else runs
