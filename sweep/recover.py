@@ -165,6 +165,12 @@ def eval_overlap(calibration_files: list[str], eval_files: list[str]) -> list[tu
 def calibration_source(cfg: DictConfig, data: Any, device: Any) -> Calibration | None:
     """The calibration images for ``cfg.recover`` (None for ``recover.method=none``).
 
+    Source: ``recover.data`` (relative paths are relative to the working directory; a ``.yaml``/
+    ``.yml`` file is a YOLOv5 dataset yaml and its ``train`` split is used), else the dataset's
+    train split (``data.train``, relative to ``data.path``; or the ``train`` of ``data.yaml``).
+    The first ``recover.images`` files in sorted path order are taken; an unreadable one among
+    them is skipped with a warning (not replaced), so ``recover_images`` can be smaller.
+
     ``data``: the job's evaluation data (``sweep.session.EvalData``; ``data.dataset.files`` are the
     evaluated images). ``device``: where the recoverer runs the forward passes. Raises
     ConfigError when there is no source, when it has no usable image, and when a calibration image
