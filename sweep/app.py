@@ -140,7 +140,9 @@ def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None)
     # --- pre-flight: everything that can be wrong with the input, before any run exists ---
     validate(cfg)
     check_choices(cfg)
-    device, half = resolve_device(str(cfg.eval.device), cfg.eval.half)
+    device, half = resolve_device(str(cfg.eval.device), cfg.eval.half, ctx.job_num)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # pinned memory, CUDA events and streams follow the job's GPU
     cache_dir = assets.cache_root(cfg.paths.cache)
     weights = cache.weights_path(cfg.model, cache_dir)
     data_spec = cache.data_spec(cfg.data, cache_dir)
