@@ -78,6 +78,12 @@ class Tracker:
         self.uri = tracking_uri
         self.retries = max(0, int(retries))
         self.backoff = backoff
+        if tracking_uri.startswith(("http://", "https://")):
+            # MLflow's HTTP client retries a refused connection for minutes on its own (7 retries,
+            # exponential backoff): with our retries on top a dropped server would stall a job for
+            # a quarter of an hour. This class is the one bounded retry layer (unless the user set these).
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         self.check_reachable()
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment_id = self._call(self._get_or_create_experiment, experiment, artifact_location)
