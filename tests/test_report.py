@@ -263,6 +263,24 @@ def test_latest_sweep_and_all(tmp_path, empty_db):
     assert pdf_pages(out_all / "report.pdf") == 6
 
 
+def test_resumed_sweep_includes_reused_runs(tmp_path, empty_db):
+    """resume by config hash: runs of an earlier sweep that a later sweep skipped belong to both."""
+    st = Store(tmp_path, empty_db)
+    _, first = st.sweep("2024-05-01_09-00-00", grid(models=("yolov5n",), methods=("l1_unstructured",)))
+    pid, second = st.sweep("2024-05-02_09-00-00", [dict(model="yolov5n", method="l1_unstructured", s=0.9)],
+                           start_offset_s=100)
+    for rid in first:
+        st.client.set_tag(rid, "also_in_sweep.2024-05-02_09-00-00", "true")
+    sel = Q.select_runs(st.uri, EXP)  # the most recent sweep
+    assert sel.sweep_id == "2024-05-02_09-00-00" and sel.parent_run_id == pid
+    assert {r.info.run_id for r in sel.runs} == set(first) | set(second)
+    assert any("reused" in n for n in sel.notes)
+    assert {r.info.run_id for r in Q.select_runs(st.uri, EXP, parent_run_id=pid).runs} == set(first) | set(second)
+    assert {r.info.run_id for r in Q.select_runs(st.uri, EXP, sweep="2024-05-01_09-00-00").runs} == set(first)
+    frame = Q.runs_frame(sel.runs)
+    assert not [c for c in frame.columns if "also_in_sweep" in c]
+
+
 def test_unknown_sweep_lists_recent(tmp_path, empty_db):
     st = Store(tmp_path, empty_db)
     st.sweep("s1", grid(models=("yolov5n",), methods=("l1_unstructured",), sparsities=(0.0, 0.5)))

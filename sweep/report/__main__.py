@@ -16,10 +16,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sweep.report",
                                 description="Build the report (figures, tables, PDF) of a pruning sweep "
                                             "from its MLflow runs.")
-    p.add_argument("--tracking-uri", default=None,
+    p.add_argument("--tracking-uri", metavar="URI", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                         "sqlite:///<cwd>/outputs/mlflow.db)")
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"experiment name (default {DEFAULT_EXPERIMENT})")
+    p.add_argument("--experiment", metavar="NAME", default=DEFAULT_EXPERIMENT, help=f"experiment name (default {DEFAULT_EXPERIMENT})")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sweep", metavar="ID", help="sweep id (tag sweep_id); default: the most recent sweep")
     g.add_argument("--parent-run-id", metavar="ID", help="the sweep's parent run id")

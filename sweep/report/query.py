@@ -124,12 +124,44 @@ def _recent_sweeps(client, experiment_id: str, n: int = 5) -> list[str]:
     return [p.data.tags.get("sweep_id", p.info.run_id) for p in parents]
 
 
+def _members(client, eid: str, sweep_id: Optional[str], parent_id: Optional[str]) -> tuple[list, int]:
+    """The job runs of a sweep and how many of them were reused from earlier sweeps.
+
+    Members: children of the parent run, runs tagged ``sweep_id=<id>``, and FINISHED runs of earlier
+    sweeps that this sweep skipped as already done (resume by config hash tags them
+    ``also_in_sweep.<id>=true``).
+    """
+    found: dict[str, object] = {}
+    if parent_id:
+        for r in search_all(client, [eid], f"tags.`{PARENT_TAG}` = '{parent_id}'"):
+            found[r.info.run_id] = r
+    reused = []
+    if sweep_id:
+        q = _quote(sweep_id)
+        if q is not None and "`" not in sweep_id:
+            tagged = search_all(client, [eid], f"tags.sweep_id = {q}")
+            also = search_all(client, [eid], f"tags.`also_in_sweep.{sweep_id}` = 'true'")
+        else:  # an id the filter syntax cannot quote: filter in Python
+            every = search_all(client, [eid])
+            tagged = [r for r in every if r.data.tags.get("sweep_id") == sweep_id]
+            also = [r for r in every if r.data.tags.get(f"also_in_sweep.{sweep_id}") == "true"]
+        for r in tagged:
+            found[r.info.run_id] = r
+        for r in also:
+            if r.info.run_id not in found and r.info.status == "FINISHED":
+                found[r.info.run_id] = r
+                reused.append(r)
+    jobs = sorted(_jobs(found.values()), key=lambda r: r.info.start_time or 0)
+    return jobs, len(reused)
+
+
 def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
                 parent_run_id: Optional[str] = None) -> Selection:
     """Resolve the user's selection to a parent run (maybe none) and its job runs."""
     if sweep is not None and parent_run_id is not None:
         raise ReportError("give either a sweep id or a parent run id, not both")
     client = client_for(tracking_uri)
+    notes: list[str] = []
 
     if parent_run_id is not None:
         from mlflow.exceptions import MlflowException
@@ -139,53 +171,49 @@ def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
         except MlflowException as e:
             raise ReportError(f"parent run {parent_run_id!r} not found in {tracking_uri}") from e
         exp = client.get_experiment(parent.info.experiment_id)
-        children = search_all(client, [exp.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
-        sweep_id = parent.data.tags.get("sweep_id") or parent_run_id
-        return Selection(tracking_uri, exp.experiment_id, exp.name, sweep_id, "parent", parent,
-                         _jobs(children))
-
-    exp = _experiment(client, experiment)
-    eid = exp.experiment_id
-
-    if sweep == ALL:
-        runs = [r for r in _jobs(search_all(client, [eid])) if r.info.status == "FINISHED"]
-        return Selection(tracking_uri, eid, exp.name, ALL, "all", None, runs)
-
-    mode = "sweep"
-    if sweep is None:
-        latest = search_all(client, [eid], f"tags.`{ROLE}` = 'parent'",
-                            order_by=["attributes.start_time DESC"], max_results=1)
-        if not latest:
-            raise ReportError(f"experiment {exp.name!r} has no sweep parent runs (tag {ROLE}=parent); "
-                              f"pass --sweep ID, --parent-run-id ID or --all")
-        parent = latest[0]
-        sweep = parent.data.tags.get("sweep_id")
-        mode = "latest"
-        if not sweep:  # a parent without a sweep id: its children are the sweep
-            children = search_all(client, [eid], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
-            return Selection(tracking_uri, eid, exp.name, parent.info.run_id, mode, parent, _jobs(children))
-
-    q = _quote(sweep)
-    if q is not None:
-        tagged = search_all(client, [eid], f"tags.sweep_id = {q}",
-                            order_by=["attributes.start_time DESC"])
+        sweep_id = parent.data.tags.get("sweep_id")
+        jobs, reused = _members(client, exp.experiment_id, sweep_id, parent_run_id)
+        mode, eid = "parent", exp.experiment_id
     else:
-        tagged = [r for r in search_all(client, [eid], order_by=["attributes.start_time DESC"])
-                  if r.data.tags.get("sweep_id") == sweep]
-    parents = [r for r in tagged if _role(r) == "parent"]
-    jobs = _jobs(tagged)
-    if not parents and not jobs:
-        recent = _recent_sweeps(client, eid)
-        raise ReportError(f"no runs with sweep_id={sweep!r} in experiment {exp.name!r}; "
-                          f"recent sweeps: {', '.join(recent) or 'none'}")
-    notes = []
-    parent = parents[0] if parents else None
-    if parent is None:
-        notes.append(f"no parent run with sweep_id={sweep}: report not attached to MLflow")
-    elif len(parents) > 1:
-        notes.append(f"{len(parents)} parent runs carry sweep_id={sweep}; attached to the latest "
-                     f"({parent.info.run_id})")
-    return Selection(tracking_uri, eid, exp.name, sweep, mode, parent, jobs, notes)
+        exp = _experiment(client, experiment)
+        eid = exp.experiment_id
+        if sweep == ALL:
+            runs = [r for r in _jobs(search_all(client, [eid])) if r.info.status == "FINISHED"]
+            return Selection(tracking_uri, eid, exp.name, ALL, "all", None, runs)
+        if sweep is None:
+            latest = search_all(client, [eid], f"tags.`{ROLE}` = 'parent'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+            if not latest:
+                raise ReportError(f"experiment {exp.name!r} has no sweep parent runs (tag {ROLE}=parent); "
+                                  f"pass --sweep ID, --parent-run-id ID or --all")
+            parent, mode = latest[0], "latest"
+            sweep_id = parent.data.tags.get("sweep_id")
+        else:
+            mode, sweep_id = "sweep", sweep
+            q = _quote(sweep)
+            if q is not None:
+                parents = search_all(client, [eid], f"tags.sweep_id = {q} and tags.`{ROLE}` = 'parent'",
+                                     order_by=["attributes.start_time DESC"])
+            else:
+                parents = [r for r in search_all(client, [eid], f"tags.`{ROLE}` = 'parent'",
+                                                 order_by=["attributes.start_time DESC"])
+                           if r.data.tags.get("sweep_id") == sweep]
+            parent = parents[0] if parents else None
+            if len(parents) > 1:
+                notes.append(f"{len(parents)} parent runs carry sweep_id={sweep}; attached to the latest "
+                             f"({parent.info.run_id})")
+        jobs, reused = _members(client, eid, sweep_id, parent.info.run_id if parent is not None else None)
+        if mode == "sweep" and parent is None:
+            if not jobs:
+                recent = _recent_sweeps(client, eid)
+                raise ReportError(f"no runs with sweep_id={sweep!r} in experiment {exp.name!r}; "
+                                  f"recent sweeps: {', '.join(recent) or 'none'}")
+            notes.append(f"no parent run with sweep_id={sweep}: report not attached to MLflow")
+    if reused:
+        notes.append(f"{reused} finished runs of earlier sweeps were reused by this sweep "
+                     f"(resume by config hash) and are included")
+    label = sweep_id or (parent.info.run_id if parent is not None else "sweep")
+    return Selection(tracking_uri, eid, exp.name, label, mode, parent, jobs, notes)
 
 
 def _ts(ms: Optional[int]) -> pd.Timestamp:
@@ -209,7 +237,8 @@ def runs_frame(runs: list) -> pd.DataFrame:
         }
         row.update({f"params.{k}": v for k, v in r.data.params.items()})
         row.update({f"metrics.{k}": float(v) for k, v in r.data.metrics.items()})
-        row.update({f"tags.{k}": v for k, v in r.data.tags.items() if not k.startswith("mlflow.")})
+        row.update({f"tags.{k}": v for k, v in r.data.tags.items()
+                    if not k.startswith(("mlflow.", "also_in_sweep."))})
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
