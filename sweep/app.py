@@ -249,12 +249,13 @@ def _evaluate_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache, weights
             recover_metrics = RECOVERERS[cfg.recover.method](model, cfg, cache.calibration(cfg, dataset, device))
     if not cfg.prune.fused:
         model = fuse(model)
+    with sw.stage("accounting"):  # on the FP32 model, before any FP16 conversion
+        selected_after = list(select_convs(model, cfg.prune.include, cfg.prune.exclude))
+        dense = cache.dense_accounting(weights, ckpt.model, int(cfg.eval.imgsz))
+        acc, per_layer = accounting(model, selected_after, int(cfg.eval.imgsz), sparsity, reference=dense)
     model = model.to(device).eval()
     if half:
         model = model.half()
-    with sw.stage("accounting"):
-        selected_after = list(select_convs(model, cfg.prune.include, cfg.prune.exclude))
-        acc, per_layer = accounting(model, selected_after, int(cfg.eval.imgsz), sparsity)
     if device.type == "cuda":  # val.py warms CUDA up before timing
         measure_latency(model, device=device, half=half, imgsz=int(cfg.eval.imgsz), batch=1, iters=1, warmup=1)
     evaluator = CocoEvaluator(dataset.ground_truth, backend=cfg.eval.backend, image_ids=dataset.eval_image_ids)

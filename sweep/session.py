@@ -74,6 +74,7 @@ class SessionCache:
     checkpoints: dict[tuple[str, float], Any] = field(default_factory=dict)
     hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
     data: dict[tuple, EvalData] = field(default_factory=dict)
+    dense: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
 
     # -- weights ------------------------------------------------------------------------------
     def weights_path(self, model_cfg: DictConfig, cache_dir: Path) -> Path:
@@ -108,6 +109,18 @@ class SessionCache:
             self.checkpoints.clear()  # one model at a time: a grid sweeps sparsity within each model
             self.checkpoints[key] = load_checkpoint(path)
         return self.checkpoints[key]
+
+    def dense_accounting(self, path: Path, pristine: Any, imgsz: int) -> dict[str, Any]:
+        """Cost figures of the dense fused model (the reference for params/GFLOPs ratios)."""
+        import copy
+
+        from sweep.cost import accounting
+        from sweep.model import fuse
+
+        key = (self.sha256(path), imgsz)
+        if key not in self.dense:
+            self.dense[key] = accounting(fuse(copy.deepcopy(pristine).float().eval()), None, imgsz)[0]
+        return self.dense[key]
 
     # -- data ---------------------------------------------------------------------------------
     def data_spec(self, data_cfg: DictConfig, cache_dir: Path) -> DataSpec:
