@@ -22,7 +22,7 @@ from sweep.report.__main__ import main
 
 pypdf = pytest.importorskip("pypdf")
 mlflow = pytest.importorskip("mlflow")
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = "yolov5-sparsity"

@@ -200,15 +200,15 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     figs["retention_vs_sparsity.png"] = F.curve_figure(
         curve_points, refs, [F.retention_panel(n) for n in ("mAP50-95", "mAP50", "AR100")],
         style, f"Accuracy retained vs sparsity · {label}", note=curve_note)
-    speed = [F.metric_panel("ms_inference", "Inference time", "inference (ms / image)"),
-             F.metric_panel("gflops", "Compute", "GFLOPs per image"),
+    speed = [F.metric_panel("ms_inference", "Inference time", "inference (ms / image)", from_zero=True),
+             F.metric_panel("gflops", "Compute", "GFLOPs per image", from_zero=True),
              F.metric_panel("params_nonzero", "Non-zero parameters", "non-zero parameters (millions)",
-                            scale=1e-6)]
+                            scale=1e-6, from_zero=True)]
     for name, title, ylabel in (("latency_b1_ms", "Latency, batch 1", "latency (ms / image, batch 1)"),
                                 ("latency_b32_ms_per_image", "Latency, batch 32",
                                  "latency (ms / image, batch 32)")):
         if metric(name) in df.columns and df[metric(name)].notna().any():
-            speed.append(F.metric_panel(name, title, ylabel))
+            speed.append(F.metric_panel(name, title, ylabel, from_zero=True))
     # cost does not depend on recovery: one curve per (model, method), the unrecovered run preferred
     speed_points = curve_points_t.sort_values("recover_key", kind="stable").drop_duplicates(
         ["timing_setting", "model", "method", "fused", "scope", "target"]).sort_index()

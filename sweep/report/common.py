@@ -10,15 +10,15 @@ ALL = "all"  # sweep="all": every finished job run of the experiment
 
 COCO_METRICS = ("mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
                 "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
-SPEED_METRICS = ("ms_preprocess", "ms_inference", "ms_nms")
+SPEED_METRICS = ("ms_preprocess", "ms_inference", "ms_nms")  # per image
 COST_METRICS = ("sparsity_target", "sparsity", "sparsity_global", "params", "params_nonzero",
                 "gflops", "size_mb", "size_mb_compressed")
 LATENCY_METRICS = ("latency_b1_ms", "latency_b32_ms_per_image")
+METRIC_ORDER = COCO_METRICS + SPEED_METRICS + ("images", "instances") + COST_METRICS + LATENCY_METRICS
 
 # Files one report consists of (sensitivity.png only for per-layer sweeps).
-FIGURES = ("accuracy_vs_sparsity.png", "retention_vs_sparsity.png", "speed_vs_sparsity.png",
-           "pareto.png", "sensitivity.png")
-REPORT_FILES = FIGURES + ("report.pdf", "results.csv", "results.md")
+REPORT_FILES = ("accuracy_vs_sparsity.png", "retention_vs_sparsity.png", "speed_vs_sparsity.png",
+                "pareto.png", "sensitivity.png", "report.pdf", "results.csv", "results.md")
 ARTIFACT_DIR = "report"
 
 

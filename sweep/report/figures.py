@@ -73,10 +73,13 @@ class Panel:
     dense: Optional[Callable[[DenseRef], float]] = None
     ref_line: Optional[float] = None
     logy: bool = False
+    from_zero: bool = False   # cost axes start at 0, so a flat line reads as flat
 
 
-def metric_panel(name: str, title: str, ylabel: str, scale: float = 1.0, logy: bool = False) -> Panel:
-    return Panel(metric(name), title, ylabel, scale, dense=lambda r, n=name: r.get(n) * scale, logy=logy)
+def metric_panel(name: str, title: str, ylabel: str, scale: float = 1.0, logy: bool = False,
+                 from_zero: bool = False) -> Panel:
+    return Panel(metric(name), title, ylabel, scale, dense=lambda r, n=name: r.get(n) * scale, logy=logy,
+                 from_zero=from_zero)
 
 
 def retention_panel(name: str) -> Panel:
@@ -188,6 +191,8 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
             ax.tick_params(labelsize=8)
             if panel.logy and drawn:
                 ax.set_yscale("log")
+            elif panel.from_zero and drawn:
+                ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)
             if not drawn:
                 _no_data(ax)
         # recovered / unrecovered panels of one metric share their y range

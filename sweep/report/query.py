@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
-from .common import ALL, ReportError
+from .common import ALL, METRIC_ORDER, ReportError
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +245,9 @@ def runs_frame(runs: list) -> pd.DataFrame:
         return df
     fixed = ["run_id", "run_name", "status", "start_time", "end_time", "parent_run_id"]
     rest = sorted(c for c in df.columns if c not in fixed)
-    order = ([c for c in rest if c.startswith("params.")] + [c for c in rest if c.startswith("metrics.")]
-             + [c for c in rest if c.startswith("tags.")])
+    rank = {f"metrics.{m}": i for i, m in enumerate(METRIC_ORDER)}  # the metrics.json order first
+    metrics = sorted((c for c in rest if c.startswith("metrics.")), key=lambda c: (rank.get(c, len(rank)), c))
+    order = ([c for c in rest if c.startswith("params.")] + metrics + [c for c in rest if c.startswith("tags.")])
     return df[fixed + order]
 
 
