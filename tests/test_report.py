@@ -328,15 +328,20 @@ def test_dense_only_single_model(tmp_path, empty_db):
 
 
 def test_dense_reference_from_earlier_sweep(tmp_path, empty_db):
+    """A sweep without sparsity 0 borrows the dense run of the same model and setting from the experiment."""
+    from sweep.report import build as B
+
     st = Store(tmp_path, empty_db)
     _, (dense_id,) = st.sweep("base", [dict(model="yolov5n", method="l1_unstructured", s=0.0)])
+    st.sweep("other-size", [dict(model="yolov5n", method="l1_unstructured", s=0.0, imgsz=320)], start_offset_s=50)
     st.sweep("pruned", [dict(model="yolov5n", method="l1_unstructured", s=s) for s in (0.3, 0.6)],
              start_offset_s=100)
-    out = build_report(st.uri, EXP, sweep="pruned", out_root=tmp_path / "r")
-    df = pd.read_csv(out / "results.csv")
-    assert len(df) == 2
-    assert df["report.dense.mAP50-95"].tolist() == pytest.approx([DENSE["yolov5n"]["map"]] * 2)
-    assert dense_id in (out / "results.md").read_text()
+    sel = Q.select_runs(st.uri, EXP, sweep="pruned")
+    df = T.normalize(Q.runs_frame(sel.runs))
+    refs = T.dense_refs(df, "setting", B._extra_dense(sel, df))
+    [(key, ref)] = refs.items()  # the 640 px dense run only, not the 320 px one
+    assert key == ("yolov5n", "coco-val128 · 640px · FP32") and ref.outside and ref.run_ids == [dense_id]
+    assert ref.get("mAP50-95") == pytest.approx(DENSE["yolov5n"]["map"])
 
 
 def test_mixed_imgsz_and_half_are_split(tmp_path, empty_db):

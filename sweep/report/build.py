@@ -132,7 +132,7 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     Raises ReportError (nothing written) when the selection is empty or no run finished with metrics.
     """
     tracking_uri = tracking_uri or default_tracking_uri()
-    out_root = Path(out_root) if out_root is not None else default_out_root()
+    out_root = Path(out_root).absolute() if out_root is not None else default_out_root()
     sel = Q.select_runs(tracking_uri, experiment, sweep=sweep, parent_run_id=parent_run_id)
     what = "experiment " + repr(sel.experiment_name) if sel.mode == ALL else f"sweep {sel.sweep_id!r}"
     if not sel.runs:
