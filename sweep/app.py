@@ -189,7 +189,7 @@ def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None)
                 tracker.end(run_id, "FINISHED")
             metrics.update(sw.as_metrics())
         return JobOutcome("done", name, run_id, "", metrics)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; submitit requeueing a preempted/timed-out job exits it
         if tracker is not None and run_id:
             tracker.end(run_id, "KILLED")
         raise
