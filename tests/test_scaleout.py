@@ -1,0 +1,275 @@
+"""Scale-out: Hydra launcher plugins (joblib, submitit) and a real MLflow server, end to end.
+
+Every sweep here is the real CLI in a subprocess on a tiny subset of the real assets; the runs
+are checked through MLflow (the SQLite store, or the server's REST API). No mocks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import CONF, FAST, REPO, run_cli, runs
+from mlflow_server import MlflowServer, free_port, mlflow_server  # noqa: F401 - fixture
+
+TINY = ("model=yolov5n", "data=coco-val128", "data.limit=4", "eval.imgsz=320", "report=false")
+
+
+# -- pure parts --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device_count,expected", [
+    (1, [0, 0, 0, 0, 0, 0]),
+    (2, [0, 1, 0, 1, 0, 1]),
+    (4, [0, 1, 2, 3, 0, 1]),
+])
+def test_gpu_for_job_spreads_jobs_round_robin_over_visible_gpus(device_count, expected):
+    from sweep.evaluate import gpu_for_job
+
+    assert [gpu_for_job(j, device_count) for j in range(6)] == expected
+
+
+@pytest.mark.parametrize("job_num,device_count", [(0, 0), (3, -1), (-1, 2)])
+def test_gpu_for_job_rejects_impossible_inputs(job_num, device_count):
+    from sweep.evaluate import gpu_for_job
+
+    with pytest.raises(ValueError):
+        gpu_for_job(job_num, device_count)
+
+
+def test_auto_device_on_a_cpu_only_machine_ignores_the_job_number():
+    import torch
+
+    from sweep.evaluate import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the CPU fallback is not what runs here")
+    assert resolve_device("auto", None, job_num=7) == (torch.device("cpu"), False)
+
+
+def _hydra_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from sweep.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_slurm_launcher_config_makes_a_valid_one_gpu_per_job_sbatch_array(tmp_path):
+    """conf/hydra/launcher/slurm.yaml extends submitit_slurm; its keys are ones sbatch accepts."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from submitit.slurm import slurm
+
+    cfg = _hydra_cfg("hydra/launcher=slurm", "hydra.launcher.partition=a100", "hydra.launcher.array_parallelism=3",
+                     f"hydra.sweep.dir={tmp_path}")
+    lc = cfg.hydra.launcher
+    assert lc.gpus_per_node == 1 and lc.tasks_per_node == 1 and lc.timeout_min > 0
+    launcher = instantiate(lc)
+    assert type(launcher).__name__ == "SlurmLauncher"  # (Hydra's plugin discovery imports the module itself)
+    # What the plugin hands submitit, turned into the sbatch script submitit writes for a 5-job array.
+    params = {k: v for k, v in launcher.params.items() if k not in ("_target_", "submitit_folder", "max_num_timeout")}
+    names = slurm.SlurmExecutor._equivalence_dict()
+    sbatch_kwargs = {names.get(k, k): v for k, v in params.items()}
+    sbatch_kwargs["mem"] = slurm._convert_mem(sbatch_kwargs["mem"])
+    script = slurm._make_sbatch_string(command="python -m submitit.core._submit x", folder=tmp_path, map_count=5,
+                                       **sbatch_kwargs)
+    for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --partition=a100", "#SBATCH --array=0-4%3",
+                 f"#SBATCH --time={lc.timeout_min}", "#SBATCH --ntasks-per-node=1"):
+        assert line in script, script
+    assert OmegaConf.select(cfg, "hydra.launcher._target_").endswith("SlurmLauncher")
+
+
+def test_parallel_launcher_config_is_joblib_with_a_bounded_worker_count():
+    cfg = _hydra_cfg("hydra/launcher=parallel")
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert cfg.hydra.launcher.n_jobs >= 1
+
+
+# -- helpers for the end-to-end sweeps ---------------------------------------------------------------
+def _roles(all_runs: list) -> tuple[list, list]:
+    parents = [r for r in all_runs if r.data.tags.get("sweep.role") == "parent"]
+    kids = [r for r in all_runs if r.data.tags.get("sweep.role") == "job"]
+    return parents, kids
+
+
+def _outcomes(sweep_dir: Path) -> dict[str, dict]:
+    return {f.parent.name: json.loads(f.read_text()) for f in sweep_dir.glob("*/outcome.json")}
+
+
+def assert_each_job_logged_once(all_runs: list, sweep_dir: Path, names: list[str]) -> tuple:
+    """One FINISHED parent; exactly one FINISHED child per job, distinct configs, all under that parent,
+    and each job's outcome.json names its own run."""
+    parents, kids = _roles(all_runs)
+    [parent] = parents
+    assert parent.data.tags["sweep_id"] == sweep_dir.name
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs_done"] == str(len(names))
+    assert sorted(r.info.run_name for r in kids) == sorted(names)
+    assert all(r.info.status == "FINISHED" for r in kids)
+    assert len({r.data.tags["config_hash"] for r in kids}) == len(names)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in kids)
+    assert all(r.data.tags["sweep_id"] == sweep_dir.name for r in kids)
+    outcomes = _outcomes(sweep_dir)
+    assert sorted(outcomes) == [str(i) for i in range(len(names))]
+    assert {o["status"] for o in outcomes.values()} == {"done"}
+    assert sorted(o["run_id"] for o in outcomes.values()) == sorted(r.info.run_id for r in kids)
+    for job in outcomes:
+        assert (sweep_dir / job / "metrics.json").is_file()
+    return parent, kids
+
+
+def _names(*sparsities: float) -> list[str]:
+    return [f"yolov5n-l1_unstructured-s{s:.2f}" for s in sparsities]
+
+
+# -- launchers ---------------------------------------------------------------------------------------
+def test_joblib_launcher_runs_jobs_in_parallel_processes_and_logs_each_once(tmp_path, assets):
+    out, sweep_dir = tmp_path / "outputs", tmp_path / "s-joblib"
+    t0 = time.monotonic()
+    p = run_cli(out, "-m", *TINY, "sparsity=0,0.3,0.5", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                sweep_dir=sweep_dir)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in p.stdout + p.stderr
+    assert "3 done, 0 skipped, 0 failed" in p.stdout
+    assert_each_job_logged_once(runs(out), sweep_dir, _names(0, 0.3, 0.5))
+    print(f"joblib sweep: {time.monotonic() - t0:.1f}s")
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_each_job_as_its_own_process_and_logs_each_once(tmp_path, assets):
+    out, sweep_dir = tmp_path / "outputs", tmp_path / "s-submitit"
+    p = run_cli(out, "-m", *TINY, "sparsity=0,0.3", "hydra/launcher=submitit_local",
+                "hydra.launcher.timeout_min=10", sweep_dir=sweep_dir)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Submitit 'local' sweep output dir" in p.stdout + p.stderr
+    assert "2 done, 0 skipped, 0 failed" in p.stdout
+    assert_each_job_logged_once(runs(out), sweep_dir, _names(0, 0.3))
+    # each job ran in its own submitit job folder (a separate process, its result pickled back)
+    assert len(list((sweep_dir / ".submitit").glob("*/*_result.pkl"))) == 2
+
+
+# -- a real MLflow server ----------------------------------------------------------------------------
+def _server_runs(server: MlflowServer, experiment: str = "yolov5-sparsity") -> list:
+    client = server.client()
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else list(client.search_runs([exp.experiment_id], max_results=1000))
+
+
+def test_parallel_sweep_against_a_real_mlflow_server(tmp_path, assets, mlflow_server):
+    server = mlflow_server
+    out, sweep_dir = tmp_path / "outputs", tmp_path / "s-server"
+    p = run_cli(out, "-m", *TINY, "sparsity=0,0.3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                f"mlflow.tracking_uri={server.uri}", sweep_dir=sweep_dir)
+    assert p.returncode == 0, p.stderr[-3000:] + server.log_tail()
+    assert "2 done, 0 skipped, 0 failed" in p.stdout
+    _, kids = assert_each_job_logged_once(_server_runs(server), sweep_dir, _names(0, 0.3))
+    # everything went through the server: no local store, artifacts in the server's destination
+    assert not (out / "mlflow.db").exists()
+    client = server.client()
+    for kid in kids:
+        assert kid.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert "metrics.json" in {a.path for a in client.list_artifacts(kid.info.run_id)}
+        local = json.loads(Path(client.download_artifacts(kid.info.run_id, "metrics.json", str(tmp_path))).read_text())
+        assert local["mAP50-95"] == pytest.approx(kid.data.metrics["mAP50-95"])
+    assert list(server.artifacts.rglob("metrics.json"))
+
+
+def test_unreachable_tracking_server_fails_once_before_any_evaluation(tmp_path, assets):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out, sweep_dir = tmp_path / "outputs", tmp_path / "s-down"
+    t0 = time.monotonic()
+    p = run_cli(out, "-m", *TINY, "sparsity=0,0.3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                f"mlflow.tracking_uri={uri}", sweep_dir=sweep_dir)
+    elapsed = time.monotonic() - t0
+    assert p.returncode != 0
+    assert uri in p.stderr and "unreachable" in p.stderr
+    assert p.stderr.count("error:") == 1, p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    assert "Joblib.Parallel" not in p.stdout + p.stderr          # no job was launched
+    assert not list(sweep_dir.glob("*/metrics.json")) and not list(sweep_dir.glob("*/outcome.json"))
+    assert elapsed < 60, f"took {elapsed:.0f}s to report an unreachable server"
+
+
+def _popen_cli(outputs: Path, *args: str, sweep_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sweep", *args, f"paths.outputs={outputs}", f"paths.preprocessed={outputs}/pre",
+           *FAST, f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_running_job_with_params(server: MlflowServer, proc: subprocess.Popen, name: str,
+                                      timeout: float = 300.0) -> None:
+    """Block until the job run ``name`` exists on the server, RUNNING, with its params logged
+    (so the job is past its MLflow set-up and inside the evaluation)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended before job {name} started: {proc.stderr.read()[-3000:]}")
+        try:
+            found = [r for r in _server_runs(server) if r.info.run_name == name]
+        except Exception:  # noqa: BLE001 - the experiment may not exist yet
+            found = []
+        if found:
+            run = found[0]
+            if run.info.status != "RUNNING":
+                pytest.fail(f"job {name} was {run.info.status} before the server could be dropped mid-job")
+            if run.data.params:
+                return
+        time.sleep(0.05)
+    pytest.fail(f"job {name} did not start within {timeout:.0f}s")
+
+
+@pytest.mark.slow
+def test_server_dropping_mid_job_fails_that_job_keeps_its_metrics_and_resume_fills_the_gap(tmp_path, assets):
+    server = MlflowServer(tmp_path / "mlflow-server").start()
+    try:
+        out = tmp_path / "outputs"
+        args = ("-m", "model=yolov5n", "data=coco-val128", "data.limit=8", "eval.imgsz=320", "report=false",
+                "sparsity=0,0.3", f"mlflow.tracking_uri={server.uri}", "mlflow.retries=2")
+        proc = _popen_cli(out, *args, sweep_dir=tmp_path / "s1")
+        try:
+            # job 0 (first in this sequential sweep) is evaluating: its MLflow run exists with params
+            _wait_for_running_job_with_params(server, proc, _names(0)[0])
+            server.kill()
+            t_drop = time.monotonic()
+            stdout, stderr = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        after_drop = time.monotonic() - t_drop
+        assert proc.returncode == 1, stderr[-3000:]
+        assert "0 done, 0 skipped, 2 failed" in stdout, stdout[-3000:]
+        assert "Traceback" not in stdout + stderr
+        assert after_drop < 120, f"the sweep took {after_drop:.0f}s to give up after the server dropped"
+        o = _outcomes(tmp_path / "s1")
+        print(f"gave up {after_drop:.1f}s after the drop; job 0: {o['0']['reason'][:300]}\njob 1: {o['1']['reason'][:300]}")
+        # job 0: bounded retries (1 + mlflow.retries attempts), then failed with that reason ...
+        assert o["0"]["status"] == "failed"
+        assert server.uri in o["0"]["reason"] and "failed after 3 attempts" in o["0"]["reason"], o["0"]["reason"]
+        # ... while its finished evaluation stays on disk
+        kept = json.loads((tmp_path / "s1" / "0" / "metrics.json").read_text())
+        assert kept["images"] == 8 and 0 < kept["mAP50-95"] < 1
+        # the sweep went on: job 1 ran, found the server gone and failed before evaluating
+        assert o["1"]["status"] == "failed" and "unreachable" in o["1"]["reason"], o["1"]
+        assert not (tmp_path / "s1" / "1" / "metrics.json").exists()
+
+        # the server comes back (same store, same port); the same sweep again fills the gap
+        server.start()
+        p = run_cli(out, *args, sweep_dir=tmp_path / "s2")
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "2 done, 0 skipped, 0 failed" in p.stdout
+        finished = [r for r in _roles(_server_runs(server))[1] if r.info.status == "FINISHED"]
+        assert sorted(r.info.run_name for r in finished) == _names(0, 0.3)
+        assert len({r.data.tags["config_hash"] for r in finished}) == 2
+        redone = next(r for r in finished if r.info.run_name == _names(0)[0])
+        assert redone.data.tags["sweep_id"] == "s2"
+        assert redone.data.metrics["mAP50-95"] == pytest.approx(kept["mAP50-95"])  # same numbers as kept on disk
+        # and a third run skips both
+        p3 = run_cli(out, *args, sweep_dir=tmp_path / "s3")
+        assert p3.returncode == 0 and "0 done, 2 skipped, 0 failed" in p3.stdout, p3.stderr[-3000:]
+    finally:
+        server.stop()
