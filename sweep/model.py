@@ -337,16 +337,16 @@ def _parse_rows(yaml: Mapping[str, Any], in_channels: int) -> tuple[nn.Sequentia
             raise ModelError(f"layer {i}: expected a row [from, number, module, args], got {row!r}")
         f, n, name, args = row
         cls = _module_class(name, i)
-        args = [_resolve_arg(a, yaml) for a in args]
-        n = max(round(n * depth), 1) if n > 1 else n
         try:
+            args = [_resolve_arg(a, yaml) for a in args]
+            n = max(round(n * depth), 1) if n > 1 else n
             args, n, c2 = _layer_args(cls, args, n, f, ch, width, nc)
             layer = nn.Sequential(*(cls(*args) for _ in range(n))) if n > 1 else cls(*args)
-        except (TypeError, IndexError, ValueError) as e:
-            raise ModelError(f"layer {i}: cannot build {name} from args {row[3]!r}: {e}") from e
+            save.update(x % i for x in ([f] if isinstance(f, int) else f) if x != -1)
+        except (TypeError, IndexError, ValueError, KeyError, ZeroDivisionError) as e:
+            raise ModelError(f"layer {i}: cannot build {name} from row {list(row)!r}: {e!r}") from e
         layer.i, layer.f, layer.type = i, f, name
         layer.np = sum(p.numel() for p in layer.parameters())
-        save.update(x % i for x in ([f] if isinstance(f, int) else f) if x != -1)
         layers.append(layer)
         if i == 0:
             ch = []
