@@ -146,6 +146,7 @@ def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None)
     cache_dir = assets.cache_root(cfg.paths.cache)
     weights = cache.weights_path(cfg.model, cache_dir)
     data_spec = cache.data_spec(cfg.data, cache_dir)
+    calibration = cache.calibration(cfg, data_spec, device)  # refuses evaluation images before any run
     sha = cache.sha256(weights)
     name = run_name(cfg)
     chash = config_hash(semantic_config(cfg, sha, device, half))
@@ -180,7 +181,7 @@ def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None)
                                          "eval.device": str(device), "eval.half": half}
         if tracker is not None:
             tracker.log(run_id, params=params)
-        metrics, files = _evaluate_job(cfg, ctx, cache, weights, data_spec, device, half, chash)
+        metrics, files = _evaluate_job(cfg, ctx, cache, weights, data_spec, calibration, device, half, chash)
         if tracker is not None:
             sw = Stopwatch()
             with sw.stage("logging"):
@@ -217,7 +218,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _evaluate_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache, weights: Path, data_spec: Any,
-                  device: torch.device, half: bool, config_hash: str) -> tuple[dict[str, Any], list[Path]]:
+                  calibration: Any, device: torch.device, half: bool, config_hash: str) -> tuple[dict[str, Any], list[Path]]:
     """The measured part of a job. Returns (metrics, artifact files)."""
     from sweep.checkpoint import save_checkpoint
     from sweep.coco_eval import CocoEvaluator
@@ -246,7 +247,7 @@ def _evaluate_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache, weights
     recover_metrics: dict[str, Any] = {}
     with sw.stage("recover"):
         if cfg.recover.method != "none":
-            recover_metrics = RECOVERERS[cfg.recover.method](model, cfg, cache.calibration(cfg, dataset, device))
+            recover_metrics = RECOVERERS[cfg.recover.method](model, cfg, calibration)
     if not cfg.prune.fused:
         model = fuse(model)
     with sw.stage("accounting"):  # on the FP32 model, before any FP16 conversion

@@ -75,6 +75,7 @@ class SessionCache:
     hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
     data: dict[tuple, EvalData] = field(default_factory=dict)
     dense: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    calib: dict[tuple, Any] = field(default_factory=dict)
 
     # -- weights ------------------------------------------------------------------------------
     def weights_path(self, model_cfg: DictConfig, cache_dir: Path) -> Path:
@@ -211,8 +212,22 @@ class SessionCache:
         if size <= MAX_CACHED_BYTES:
             data.batches = kept
 
-    def calibration(self, cfg: DictConfig, data: EvalData, device: Any) -> Any:
-        """Calibration input for recovery methods (see sweep.recover)."""
+    def calibration(self, cfg: DictConfig, spec: DataSpec, device: Any) -> Any:
+        """Calibration images for ``cfg.recover`` (None for ``recover=none``), checked against the
+        evaluation images; cached per (recover settings, imgsz, evaluation set)."""
+        from types import SimpleNamespace
+
+        from sweep.data import list_image_files
         from sweep.recover import calibration_source
 
-        return calibration_source(cfg, data, device)
+        if cfg.recover.method == "none":
+            return None
+        key = ("calibration", json.dumps(OmegaConf.to_container(cfg.recover, resolve=True), sort_keys=True),
+               str(cfg.data.train), int(cfg.eval.imgsz), json.dumps(spec.val, default=str), spec.limit, str(device))
+        if key not in self.calib:
+            files = list_image_files(spec.source())
+            if spec.limit is not None:
+                files = files[: int(spec.limit)]
+            eval_like = SimpleNamespace(dataset=SimpleNamespace(files=files))
+            self.calib = {key: calibration_source(cfg, eval_like, device)}
+        return self.calib[key]

@@ -149,3 +149,30 @@ def test_corrupt_checkpoint_ends_its_run_failed(tmp_path, assets):
     [run] = runs(tmp_path)
     assert run.info.status == "FAILED" and "corrupt.pt" in run.data.tags["error"]
     assert (tmp_path / "job" / "traceback.txt").is_file()
+
+
+def test_calibrating_on_evaluation_images_is_refused_before_any_run(tmp_path, val128_dir):
+    cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "prune.fused=false", "recover=bn",
+                   "sparsity=0.3", f"recover.data={val128_dir / 'images' / 'val2017'}")
+    with pytest.raises(ConfigError, match="also evaluation images"):
+        run_job(cfg, JobContext(tmp_path / "job"))
+    assert runs(tmp_path) == []
+
+
+@pytest.mark.parametrize("method", ["l1_unstructured", "global_l1", "random", "ln_structured", "channel"])
+def test_every_pruning_method_runs_a_job_with_its_accounting(tmp_path, assets, method):
+    cache = _SHARED
+    cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "data.limit=4", "eval.imgsz=320",
+                   f"prune={method}", "sparsity=0.3", "mlflow.enabled=false")
+    m = run_job(cfg, JobContext(tmp_path / "job"), cache).metrics
+    written = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert written["prune_method"] == method and written["sparsity_target"] == 0.3
+    if method == "channel":   # channels removed, not zeroed: the cost drops
+        assert m["params_ratio"] < 0.7 and m["gflops_ratio"] < 0.7
+    else:                     # zeros in dense tensors: same cost, fewer non-zeros
+        assert m["params_ratio"] == 1.0 and m["params_nonzero"] < 0.8 * m["params"]
+        assert abs(m["sparsity"] - 0.3) < 0.03  # ln_structured rounds whole filters per layer
+    assert (tmp_path / "job" / "layer_sparsity.csv").is_file()
+
+
+_SHARED = SessionCache()

@@ -29,7 +29,8 @@ def test_multirun_logs_nested_runs_resumes_and_reports(tmp_path, assets):
     assert all(r.data.tags["sweep_id"] == "s1" for r in kids) and parent.data.tags["sweep_id"] == "s1"
     assert parent.info.status == "FINISHED" and parent.data.tags["jobs_done"] == "3"
     by_s = {r.data.params["sparsity"]: r.data.metrics for r in kids}
-    assert by_s["0.0"]["sparsity"] == 0.0 and abs(by_s["0.5"]["sparsity"] - 0.5) < 1e-3
+    # the official yolov5n has exactly one zero weight (model.21.conv): dense sparsity 5.4e-7
+    assert by_s["0.0"]["sparsity"] < 1e-6 and abs(by_s["0.5"]["sparsity"] - 0.5) < 1e-3
     assert by_s["0.5"]["mAP50-95"] < by_s["0.0"]["mAP50-95"]
     assert "3 done, 0 skipped, 0 failed" in p.stdout
     # the report was built at the end of the multirun and attached to the parent run
