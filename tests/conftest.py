@@ -38,3 +38,20 @@ def yolov5n_path(assets: Path) -> Path:
 @pytest.fixture(scope="session")
 def val128_dir(assets: Path) -> Path:
     return assets / "datasets" / "coco-val128"
+
+
+@pytest.fixture(scope="session")
+def v5n(yolov5n_path):
+    """The pristine pretrained yolov5n (unfused, FP32, eval); tests prune deep copies of it."""
+    from sweep.checkpoint import load_checkpoint
+
+    return load_checkpoint(yolov5n_path).model
+
+
+@pytest.fixture(scope="session")
+def v5n_fused(v5n):
+    import copy
+
+    from sweep.model import fuse
+
+    return fuse(copy.deepcopy(v5n))

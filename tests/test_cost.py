@@ -128,20 +128,7 @@ def test_layer_table_is_csv_ready(tmp_path):
 # --------------------------------------------------------------------------- real yolov5n
 
 
-@pytest.fixture(scope="module")
-def v5n(yolov5n_path):
-    from sweep.checkpoint import load_checkpoint
-
-    return load_checkpoint(yolov5n_path).model
-
-
-@pytest.fixture(scope="module")
-def v5n_fused(v5n):
-    import copy
-
-    from sweep.model import fuse
-
-    return fuse(copy.deepcopy(v5n))
+# v5n / v5n_fused fixtures: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -453,19 +453,7 @@ def test_channel_coupled_layers_follow_an_excluded_partner():
 COCO_IMAGE = "images/val2017/000000000139.jpg"  # living room: people, chairs, tv, plants...
 
 
-@pytest.fixture(scope="module")
-def v5n(yolov5n_path):
-    """The pristine pretrained yolov5n (unfused, FP32, eval); tests prune deep copies."""
-    from sweep.checkpoint import load_checkpoint
-
-    return load_checkpoint(yolov5n_path).model
-
-
-@pytest.fixture(scope="module")
-def v5n_fused(v5n):
-    from sweep.model import fuse
-
-    return fuse(copy.deepcopy(v5n))
+# v5n / v5n_fused fixtures: tests/conftest.py
 
 
 def _zero_counts(model: nn.Module) -> dict[str, int]:
