@@ -224,17 +224,23 @@ def _seeded(device: torch.device, seed: int) -> Iterator[None]:
 # --------------------------------------------------------------------------- methods
 
 
-@torch.no_grad()
-def l1_unstructured(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
-    """Per-layer L1 magnitude (the tutorial): ``round(sparsity * n)`` zeros in each selected conv."""
+def _per_layer(model: nn.Module, sparsity: float, cfg: Any,
+               prune_one: Callable[[str, nn.Conv2d, float], None]) -> nn.Module:
+    """Apply ``prune_one(name, conv, sparsity)`` to every selected conv, then make its mask permanent."""
     sparsity = normalize_sparsity(sparsity)
     if sparsity == 0:
         return model
-    for m in _selection(model, cfg).values():
+    for name, m in _selection(model, cfg).items():
         order = _param_order(m)
-        tprune.l1_unstructured(m, "weight", amount=sparsity)
+        prune_one(name, m, sparsity)
         _make_permanent(m, order)
     return model
+
+
+@torch.no_grad()
+def l1_unstructured(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+    """Per-layer L1 magnitude (the tutorial): ``round(sparsity * n)`` zeros in each selected conv."""
+    return _per_layer(model, sparsity, cfg, lambda _, m, s: tprune.l1_unstructured(m, "weight", amount=s))
 
 
 @torch.no_grad()
@@ -261,29 +267,19 @@ def random(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
     global RNG state is saved and restored, so nothing leaks to the caller. Masks are
     reproducible for a given seed and device type (CPU and CUDA generators differ).
     """
-    sparsity = normalize_sparsity(sparsity)
-    if sparsity == 0:
-        return model
     seed = int(_opt(cfg, "seed", 0))
-    for name, m in _selection(model, cfg).items():
-        order = _param_order(m)
+
+    def one(name: str, m: nn.Conv2d, s: float) -> None:
         with _seeded(m.weight.device, _layer_seed(seed, name)):
-            tprune.random_unstructured(m, "weight", amount=sparsity)
-        _make_permanent(m, order)
-    return model
+            tprune.random_unstructured(m, "weight", amount=s)
+
+    return _per_layer(model, sparsity, cfg, one)
 
 
 @torch.no_grad()
 def ln_structured(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
     """Zero the ``round(sparsity * out_channels)`` output filters of smallest L2 norm per conv."""
-    sparsity = normalize_sparsity(sparsity)
-    if sparsity == 0:
-        return model
-    for m in _selection(model, cfg).values():
-        order = _param_order(m)
-        tprune.ln_structured(m, "weight", amount=sparsity, n=2, dim=0)
-        _make_permanent(m, order)
-    return model
+    return _per_layer(model, sparsity, cfg, lambda _, m, s: tprune.ln_structured(m, "weight", amount=s, n=2, dim=0))
 
 
 def _channel_pruner_class(round_to: int) -> type:
