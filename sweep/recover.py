@@ -28,7 +28,6 @@ CUDA/cuDNN algorithm choices (last-bit differences in the statistics, typically 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -42,6 +41,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from sweep.assets import file_sha256
 from sweep.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,6 @@ def _source(cfg: DictConfig) -> tuple[Any, str]:
                       f"{ALLOWED_SOURCES}")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def eval_overlap(calibration_files: list[str], eval_files: list[str]) -> list[tuple[str, str]]:
     """Pairs (calibration image, evaluation image) that are the same image.
 
@@ -142,7 +134,7 @@ def eval_overlap(calibration_files: list[str], eval_files: list[str]) -> list[tu
 
     def digest(p: str) -> str:
         if p not in hashes:
-            hashes[p] = _sha256(p)
+            hashes[p] = file_sha256(p)
         return hashes[p]
 
     pairs = []

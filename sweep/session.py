@@ -9,7 +9,6 @@ prune + inference + NMS + COCO eval. Created by the entry point, passed explicit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -94,11 +93,9 @@ class SessionCache:
         st = path.stat()
         key = (str(path), st.st_mtime, st.st_size)
         if key not in self.hashes:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            self.hashes[key] = h.hexdigest()
+            from sweep.assets import file_sha256
+
+            self.hashes[key] = file_sha256(path)
         return self.hashes[key]
 
     def checkpoint(self, path: Path) -> Any:
