@@ -58,10 +58,6 @@ class JobOutcome:
 SUMMARY_KEYS = ("mAP50-95", "mAP50", "AR100", "sparsity", "ms_inference")
 
 
-class JobError(RuntimeError):
-    """A job-level failure with a message meant for the user (no traceback needed)."""
-
-
 def run_name(cfg: DictConfig) -> str:
     """``<model>-<method>[-<recover>]-s<sparsity>``, e.g. ``yolov5x-l1_unstructured-s0.30``."""
     method = cfg.prune.method + ("" if cfg.prune.fused else "-unfused")
@@ -130,7 +126,8 @@ def environment_tags() -> dict[str, str]:
 
 
 def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None) -> JobOutcome:
-    """Run one job. Raises ConfigError/JobError (before any run is created) or the job's own error."""
+    """Run one job. Input errors (ConfigError, AssetError, DataError, ...) are raised before any MLflow
+    run is created; an error during the job ends its run FAILED and is re-raised."""
     from sweep import assets
     from sweep.evaluate import resolve_device
     from sweep.tracking import Tracker, config_hash, resolve_store, resolved_params
@@ -357,7 +354,7 @@ def task(cfg: DictConfig, cache: SessionCache) -> JobOutcome:
         _mark_parent_killed(cfg, ctx.sweep_id)
         raise
     except Exception as exc:  # noqa: BLE001 - every job failure is reported the same way
-        user_error = isinstance(exc, (ConfigError, JobError)) or _is_user_error(exc)
+        user_error = isinstance(exc, ConfigError) or _is_user_error(exc)
         reason = f"{type(exc).__name__}: {exc}" if not user_error else str(exc)
         if not user_error:
             log.error("job %s failed:\n%s", name, traceback.format_exc())
