@@ -130,7 +130,7 @@ def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None)
     run is created; an error during the job ends its run FAILED and is re-raised."""
     from sweep import assets
     from sweep.evaluate import resolve_device
-    from sweep.tracking import Tracker, config_hash, resolve_store, resolved_params
+    from sweep.tracking import Tracker, config_hash, resolved_params
 
     cache = cache if cache is not None else SessionCache()
     cfg = copy.deepcopy(cfg)
@@ -150,8 +150,7 @@ def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None)
 
     tracker = None
     if cfg.mlflow.enabled:
-        uri, artifacts = resolve_store(cfg)
-        tracker = Tracker(uri, cfg.mlflow.experiment, artifacts, retries=cfg.mlflow.retries)
+        tracker = Tracker.from_config(cfg)
         if cfg.resume:
             prev = tracker.finished_run(chash)
             if prev is not None:
@@ -378,10 +377,9 @@ def _mark_parent_killed(cfg: DictConfig, sweep_id: str | None) -> None:
     if not (sweep_id and cfg.mlflow.enabled):
         return
     try:
-        from sweep.tracking import Tracker, resolve_store
+        from sweep.tracking import Tracker
 
-        uri, artifacts = resolve_store(cfg)
-        tracker = Tracker(uri, cfg.mlflow.experiment, artifacts, retries=0)
+        tracker = Tracker.from_config(cfg, retries=0)
         parent = tracker.parent_run(sweep_id)
         if parent is not None:
             tracker.end(parent.info.run_id, "KILLED")

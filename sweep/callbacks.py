@@ -24,10 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def _tracker(config: DictConfig) -> Any:
-    from sweep.tracking import Tracker, resolve_store
+    from sweep.tracking import Tracker
 
-    uri, artifacts = resolve_store(config)
-    return Tracker(uri, config.mlflow.experiment, artifacts, retries=config.mlflow.retries)
+    return Tracker.from_config(config)
 
 
 def read_outcomes(sweep_dir: Path) -> list[dict[str, Any]]:

@@ -88,6 +88,13 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment_id = self._call(self._get_or_create_experiment, experiment, artifact_location)
 
+    @classmethod
+    def from_config(cls, cfg: DictConfig, retries: int | None = None) -> "Tracker":
+        """The tracker for ``cfg.mlflow`` (store resolved by :func:`resolve_store`)."""
+        uri, artifacts = resolve_store(cfg)
+        return cls(uri, cfg.mlflow.experiment, artifacts,
+                   retries=cfg.mlflow.retries if retries is None else retries)
+
     # -- plumbing ---------------------------------------------------------------------------
     def check_reachable(self, timeout: float = 5.0) -> None:
         """Fail fast, with the URI in the message, when an HTTP tracking server does not answer."""
