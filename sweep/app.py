@@ -130,6 +130,7 @@ def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None)
     run is created; an error during the job ends its run FAILED and is re-raised."""
     from sweep import assets
     from sweep.evaluate import resolve_device
+    from sweep.hostmem import keep_freed_memory
     from sweep.tracking import Tracker, config_hash, resolved_params
 
     cache = cache if cache is not None else SessionCache()
@@ -138,6 +139,7 @@ def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None)
     validate(cfg)
     check_choices(cfg)
     device, half = resolve_device(str(cfg.eval.device), cfg.eval.half, ctx.job_num)
+    keep_freed_memory(bool(cfg.eval.reuse_host_memory))  # process-wide; numbers are identical either way
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # pinned memory, CUDA events and streams follow the job's GPU
     cache_dir = assets.cache_root(cfg.paths.cache)

@@ -99,6 +99,7 @@ class EvalConfig:
     latency: bool = True
     latency_iters: int = 10
     progress: bool = True
+    reuse_host_memory: bool = True
 
 
 @dataclass
