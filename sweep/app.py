@@ -221,7 +221,7 @@ def _evaluate_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache, weights
     from sweep.checkpoint import save_checkpoint
     from sweep.coco_eval import CocoEvaluator
     from sweep.cost import accounting
-    from sweep.evaluate import measure_latency, run_inference
+    from sweep.evaluate import gc_paused, measure_latency, run_inference
     from sweep.model import fuse
     from sweep.prune import PRUNERS, select_convs
     from sweep.recover import RECOVERERS
@@ -258,15 +258,22 @@ def _evaluate_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache, weights
     if device.type == "cuda":  # val.py warms CUDA up before timing
         measure_latency(model, device=device, half=half, imgsz=int(cfg.eval.imgsz), batch=1, iters=1, warmup=1)
     evaluator = CocoEvaluator(dataset.ground_truth, backend=cfg.eval.backend, image_ids=dataset.eval_image_ids)
-    with sw.stage("inference_loop"):
-        bar = _progress(cfg, dataset)
-        loop = run_inference(model, cache.batches(dataset, cfg.paths.preprocessed), evaluator, device=device, half=half,
-                             conf=float(cfg.eval.conf), iou=float(cfg.eval.iou), max_det=int(cfg.eval.max_det),
-                             class_map=dataset.class_map, progress=bar)
-        if bar is not None:
-            bar.close()
-    with sw.stage("coco_eval"):
-        coco = evaluator.compute()
+    files: list[Path] = []
+    out = ctx.output_dir
+    with gc_paused():  # the result rows live and die inside this block, unseen by the collector
+        with sw.stage("inference_loop"):
+            bar = _progress(cfg, dataset)
+            loop = run_inference(model, cache.batches(dataset, cfg.paths.preprocessed), evaluator, device=device,
+                                 half=half, conf=float(cfg.eval.conf), iou=float(cfg.eval.iou),
+                                 max_det=int(cfg.eval.max_det), class_map=dataset.class_map, progress=bar)
+            if bar is not None:
+                bar.close()
+        with sw.stage("coco_eval"):
+            coco = evaluator.compute()
+        if cfg.eval.save_json:
+            (out / "predictions.json").write_text(json.dumps(evaluator.rows))
+            files.append(out / "predictions.json")
+        del evaluator
     latency: dict[str, float] = {}
     if cfg.eval.latency:
         with sw.stage("latency"):
@@ -277,8 +284,6 @@ def _evaluate_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache, weights
             latency[f"latency_b{b}_ms_per_image"] = measure_latency(
                 model, device=device, half=half, imgsz=imgsz, batch=b, iters=max(1, it // 4 if device.type == "cpu"
                                                                                  else it)) / b
-    files: list[Path] = []
-    out = ctx.output_dir
     if cfg.prune.save:
         with sw.stage("save"):
             save_checkpoint(model, out / "pruned.pt")
@@ -306,9 +311,6 @@ def _evaluate_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache, weights
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     files += [out / "config.yaml", out / "metrics.json", out / "layer_sparsity.csv", out / "per_class_ap.csv",
               out / "coco_summary.txt"]
-    if cfg.eval.save_json:
-        (out / "predictions.json").write_text(json.dumps(evaluator.rows))
-        files.append(out / "predictions.json")
     return metrics, files
 
 

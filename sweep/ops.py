@@ -38,31 +38,37 @@ def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.001, iou_thres
     """
     if pred.dim() != 3 or pred.shape[2] < 6:
         raise ValueError(f"pred must be [B, N, 5 + nc], got {tuple(pred.shape)}")
-    nc = pred.shape[2] - 5
-    multi_label = multi_label and nc > 1
-    xc = pred[..., 4] > conf_thres
-    out: list[torch.Tensor] = []
-    for xi, x in enumerate(pred):
-        x = x[xc[xi]]  # boolean indexing copies: the in-place ops below leave pred alone
-        if not x.shape[0]:
-            out.append(torch.zeros((0, 6), device=pred.device))
-            continue
-        x[:, 5:] *= x[:, 4:5]
-        box = torchvision.ops.box_convert(x[:, :4], "cxcywh", "xyxy")
-        if multi_label:
-            i, j = (x[:, 5:] > conf_thres).nonzero(as_tuple=False).T
-            x = torch.cat((box[i], x[i, j + 5, None], j[:, None].float()), 1)
-        else:
-            conf, j = x[:, 5:].max(1, keepdim=True)
-            x = torch.cat((box, conf, j.float()), 1)[conf.view(-1) > conf_thres]
-        if not x.shape[0]:
-            out.append(torch.zeros((0, 6), device=pred.device))
-            continue
-        x = x[x[:, 4].argsort(descending=True)[:max_nms]]
-        c = x[:, 5:6] * (0 if agnostic else max_wh)
-        keep = torchvision.ops.nms(x[:, :4] + c, x[:, 4], iou_thres)
-        out.append(x[keep[:max_det]])
-    return out
+    return [nms_image(x, conf_thres, iou_thres, max_det, multi_label, max_nms, max_wh, agnostic) for x in pred]
+
+
+def nms_image(x: torch.Tensor, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300,
+              multi_label: bool = True, max_nms: int = 30000, max_wh: int = 7680,
+              agnostic: bool = False) -> torch.Tensor:
+    """:func:`non_max_suppression` of ONE image: ``x`` is ``[N, 5 + nc]``, the result ``[n, 6]``.
+
+    Images are independent, so callers may run this for the images of a batch in parallel
+    threads (the torchvision kernel releases the GIL) and get the same tensors.
+    """
+    if x.dim() != 2 or x.shape[1] < 6:
+        raise ValueError(f"x must be [N, 5 + nc], got {tuple(x.shape)}")
+    multi_label = multi_label and x.shape[1] - 5 > 1
+    x = x[x[:, 4] > conf_thres]  # boolean indexing copies: the in-place ops below leave the input alone
+    if not x.shape[0]:
+        return torch.zeros((0, 6), device=x.device)
+    x[:, 5:] *= x[:, 4:5]
+    box = torchvision.ops.box_convert(x[:, :4], "cxcywh", "xyxy")
+    if multi_label:
+        i, j = (x[:, 5:] > conf_thres).nonzero(as_tuple=False).T
+        x = torch.cat((box[i], x[i, j + 5, None], j[:, None].float()), 1)
+    else:
+        conf, j = x[:, 5:].max(1, keepdim=True)
+        x = torch.cat((box, conf, j.float()), 1)[conf.view(-1) > conf_thres]
+    if not x.shape[0]:
+        return torch.zeros((0, 6), device=x.device)
+    x = x[x[:, 4].argsort(descending=True)[:max_nms]]
+    c = x[:, 5:6] * (0 if agnostic else max_wh)
+    keep = torchvision.ops.nms(x[:, :4] + c, x[:, 4], iou_thres)
+    return x[keep[:max_det]]
 
 
 def scale_boxes(boxes: torch.Tensor, ratio_pad: RatioPad, shape0: Sequence[int]) -> torch.Tensor:

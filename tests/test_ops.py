@@ -3,6 +3,7 @@ reference."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 
@@ -194,3 +195,28 @@ def test_coco_rows_top_left_is_computed_like_val_py():
     cy = (b[:, 1] + b[:, 3]) / 2
     h = b[:, 3] - b[:, 1]
     assert y == round((cy - h / 2).item(), 3)
+
+
+def test_nms_of_images_in_parallel_threads_equals_the_batch_function():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sweep.ops import nms_image
+
+    g = torch.Generator().manual_seed(0)
+    n, nc = 3000, 80
+    xy = torch.rand(6, n, 2, generator=g) * 600
+    wh = torch.rand(6, n, 2, generator=g) * 120 + 2
+    scores = torch.rand(6, n, 1 + nc, generator=g) ** 3  # many low scores, as a pruned model gives
+    pred = torch.cat((xy, wh, scores), 2)
+    serial = non_max_suppression(pred, conf_thres=0.001, iou_thres=0.65, max_det=300)
+    with ThreadPoolExecutor(3) as pool:
+        parallel = list(pool.map(lambda x: nms_image(x, 0.001, 0.65, 300), pred))
+    assert [d.shape[0] for d in serial] == [300] * 6
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
+
+
+def test_nms_image_rejects_a_batch():
+    from sweep.ops import nms_image
+
+    with pytest.raises(ValueError, match=r"\[N, 5 \+ nc\]"):
+        nms_image(torch.zeros(2, 10, 85))
