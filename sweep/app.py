@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -114,6 +115,7 @@ def environment_tags() -> dict[str, str]:
         "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "None",
         "python": platform.python_version(),
         "host": platform.node(),
+        "pid": str(os.getpid()),  # with host: lets a later sweep close the run if this process dies
     }
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

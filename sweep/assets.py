@@ -94,7 +94,7 @@ def weights_url(name: str) -> str:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def file_lock(lock_path: Path) -> Iterator[None]:
     """Exclusive cross-process lock held while the block runs (released if the process dies)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+b") as fh:
@@ -190,7 +190,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, *, pr
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    with _locked(dest.with_name(f".{dest.name}.lock")):
+    with file_lock(dest.with_name(f".{dest.name}.lock")):
         if dest.is_file():
             if sha256 and file_sha256(dest).lower() != sha256.lower():
                 raise AssetError(f"{dest} exists but its sha256 is not {sha256}: delete it to download again")
@@ -310,7 +310,7 @@ def ensure_dataset(name: str, cache: str | os.PathLike, downloads: Sequence[Mapp
     if not specs:
         raise AssetError(f"dataset {name!r} is not in {root} and has no download entries")
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.parent / f".{name}.lock"):
+    with file_lock(root.parent / f".{name}.lock"):
         if root.is_dir():
             return root
         for stale in root.parent.glob(f".{name}.*.tmp"):

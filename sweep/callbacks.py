@@ -3,14 +3,21 @@
 - ``on_multirun_start``: checks the tracking store is reachable (a clear error before any
   evaluation) and creates the parent run tagged with the sweep id (the sweep dir's name).
   Jobs, in this process or in launcher workers, find it by that tag.
+  Before that it closes the runs orphaned by dead processes of this host (earlier sweeps
+  killed with ``kill -9``, out of memory, or cut off from their tracking server).
 - ``on_multirun_end``: reads each job's ``outcome.json`` from the sweep dir, prints the
   done / skipped / failed table, closes the parent run, builds the report (best effort:
   a report failure is logged, never hides the sweep's own result), and exits non-zero
   when any job failed.
+- When the launcher itself raises (a joblib worker or submitit job killed by a signal or the
+  OOM killer), Hydra never calls ``on_multirun_end``; an ``atexit`` hook then prints the
+  table (the dead jobs as ``failed``) and ends the sweep's runs that nobody can close any
+  more FAILED, so nothing stays RUNNING. Running the command again resumes the sweep.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -29,15 +36,35 @@ def _tracker(config: DictConfig) -> Any:
     return Tracker.from_config(config)
 
 
+LOST = "lost: its process ended without an outcome (killed by a signal or the out-of-memory killer?)"
+
+
+def _job_name(job_dir: Path) -> str:
+    """The run name of a job from the config Hydra saved in its folder."""
+    from omegaconf import OmegaConf
+
+    from sweep.app import run_name
+
+    try:
+        return run_name(OmegaConf.load(job_dir / ".hydra" / "config.yaml"))
+    except Exception:  # noqa: BLE001 - a name for the table only
+        return f"job {job_dir.name}"
+
+
 def read_outcomes(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Outcomes of the jobs of one sweep, in job order."""
+    """Outcomes of the jobs of one sweep, in job order. A job that started (Hydra wrote its
+    ``.hydra/``) but left no ``outcome.json`` is reported ``failed`` with the reason ``LOST``."""
     out = []
-    for f in sorted(sweep_dir.glob("*/outcome.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir()] if sweep_dir.is_dir() else []
+    for job in sorted(jobs, key=lambda p: (len(p.name), p.name)):  # 0, 1, ..., 10 (subdir is the job number)
+        f = job / "outcome.json"
         try:
             d = json.loads(f.read_text())
         except (OSError, ValueError):
-            continue
-        d["job"] = f.parent.name
+            if not (job / ".hydra").is_dir():
+                continue
+            d = {"status": "failed", "name": _job_name(job), "reason": LOST}
+        d["job"] = job.name
         out.append(d)
     return out
 
@@ -49,16 +76,26 @@ def summary_table(outcomes: list[dict[str, Any]]) -> str:
         ap = f"{m['mAP50-95']:.4f}" if "mAP50-95" in m else "-"
         ar = f"{m['AR100']:.3f}" if "AR100" in m else "-"
         lines.append(f"{o['job']:>4}  {o['status']:<8} {o['name']:<44} {ap:>8} {ar:>6}  {o.get('reason', '')}")
-    counts = {s: sum(o["status"] == s for o in outcomes) for s in ("done", "skipped", "failed")}
-    lines.append(f"sweep: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+    c = _counts(outcomes)
+    lines.append(f"sweep: {c['jobs_done']} done, {c['jobs_skipped']} skipped, {c['jobs_failed']} failed")
     return "\n".join(lines)
+
+
+def _counts(outcomes: list[dict[str, Any]]) -> dict[str, int]:
+    return {f"jobs_{s}": sum(o["status"] == s for o in outcomes) for s in ("done", "skipped", "failed")}
 
 
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
+        self._open: DictConfig | None = None  # the sweep's config until on_multirun_end ran
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._start(config)
+        self._open = config
+        atexit.register(self._abandoned)
+
+    def _start(self, config: DictConfig) -> None:
         if not config.mlflow.enabled:
             return
         from sweep.app import environment_tags
@@ -67,6 +104,10 @@ class SweepCallback(Callback):
         sweep_id = Path(str(config.hydra.sweep.dir)).name
         try:
             tracker = _tracker(config)
+            closed = tracker.close_orphans()
+            if closed:
+                log.warning("closed %d run(s) left RUNNING by dead processes of this host (now FAILED, "
+                            "tag error=orphaned...): %s", len(closed), ", ".join(closed))
             existing = tracker.parent_run(sweep_id)
             if existing is not None:
                 self.parent_run_id = existing.info.run_id
@@ -78,9 +119,17 @@ class SweepCallback(Callback):
         except TrackingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except Exception as exc:  # noqa: BLE001 - Hydra would only warn and run the sweep untracked
+            from sweep.tracking import resolve_store
+
+            print(f"error: the MLflow store {resolve_store(config)[0]} failed at sweep start "
+                  f"({type(exc).__name__}: {exc}); no job was run", file=sys.stderr)
+            sys.exit(2)
         log.info("sweep %s: MLflow parent run %s in %s", sweep_id, self.parent_run_id, tracker.uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._open = None
+        atexit.unregister(self._abandoned)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_id = sweep_dir.name
         outcomes = read_outcomes(sweep_dir)
@@ -91,9 +140,7 @@ class SweepCallback(Callback):
         if config.mlflow.enabled and self.parent_run_id:
             try:
                 tracker = _tracker(config)
-                tracker.log(self.parent_run_id, tags={
-                    "jobs_done": sum(o["status"] == "done" for o in outcomes),
-                    "jobs_skipped": sum(o["status"] == "skipped" for o in outcomes), "jobs_failed": failed})
+                tracker.log(self.parent_run_id, tags=_counts(outcomes))
                 tracker.log_artifacts(self.parent_run_id, [sweep_dir / "summary.txt"])
                 tracker.end(self.parent_run_id, "FINISHED")
                 if config.report:
@@ -103,6 +150,35 @@ class SweepCallback(Callback):
         if failed:
             print(f"{failed} job(s) failed", file=sys.stderr, flush=True)
             sys.exit(1)
+
+    def _abandoned(self) -> None:
+        """atexit: the launcher raised, so ``on_multirun_end`` never ran (see the module doc)."""
+        config, self._open = self._open, None
+        if config is None:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        outcomes = read_outcomes(sweep_dir)
+        table = summary_table(outcomes)
+        print(table, flush=True)
+        try:
+            (sweep_dir / "summary.txt").write_text(table + "\n")
+        except OSError:
+            pass
+        print("sweep aborted: the launcher stopped before every job reported (see the error above); "
+              "run the same command again to finish it (resume skips the finished points)", file=sys.stderr, flush=True)
+        if not (config.mlflow.enabled and self.parent_run_id):
+            return
+        try:
+            tracker = _tracker(config)
+            if tracker.client.get_run(self.parent_run_id).info.status == "RUNNING":  # Ctrl-C marked it KILLED
+                tracker.log(self.parent_run_id, tags=_counts(outcomes) | {
+                    "error": "aborted: the launcher stopped before every job reported"})
+                tracker.end(self.parent_run_id, "FAILED")
+            closed = tracker.close_orphans(f"tags.sweep_id = '{sweep_dir.name}'", this_process_ended=True)
+            log.info("sweep %s aborted: parent run FAILED, %d job run(s) left RUNNING by dead processes ended FAILED",
+                     sweep_dir.name, len(closed))
+        except Exception as exc:  # noqa: BLE001 - we are exiting anyway
+            log.error("could not close the aborted sweep's MLflow runs: %s", exc)
 
     def _report(self, config: DictConfig, tracker: Any, sweep_id: str) -> None:
         try:

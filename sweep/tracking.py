@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
@@ -85,8 +86,9 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         self.check_reachable()
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.experiment_id = self._call(self._get_or_create_experiment, experiment, artifact_location)
+        with _store_creation_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            self.experiment_id = self._call(self._get_or_create_experiment, experiment, artifact_location)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, retries: int | None = None) -> "Tracker":
@@ -188,6 +190,58 @@ class Tracker:
 
     def end(self, run_id: str, status: str) -> None:
         self._call(self.client.set_terminated, run_id, status)
+
+    def fail(self, run_id: str, reason: str) -> None:
+        """End a run FAILED with ``reason`` in its ``error`` tag."""
+        self.log(run_id, tags={"error": reason})
+        self.end(run_id, "FAILED")
+
+    def close_orphans(self, where: str = "", this_process_ended: bool = False) -> list[str]:
+        """End FAILED the RUNNING runs (matching the extra filter ``where``) that a process of
+        THIS host started and that can no longer be closed by it: the process is gone (killed,
+        out of memory, or it gave up on an unreachable tracking server), or it is this very
+        process and ``this_process_ended``. Runs of other hosts, and runs without the ``pid``
+        tag, are left alone: their process may still be running. Returns the closed run ids.
+        """
+        host = platform.node()
+        flt = f"attributes.status = 'RUNNING' and tags.host = '{host}'" + (f" and {where}" if where else "")
+        closed = []
+        for run in self.search(flt):
+            pid = run.data.tags.get("pid", "")
+            if not pid.isdigit():
+                continue
+            own = int(pid) == os.getpid()
+            if (own and not this_process_ended) or (not own and process_alive(int(pid))):
+                continue
+            self.fail(run.info.run_id, f"orphaned: process {pid} on {host} ended without closing this run "
+                                       "(killed, out of memory, or its tracking store was unreachable)")
+            closed.append(run.info.run_id)
+        return closed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 probes without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _store_creation_lock(uri: str) -> Any:
+    """For a SQLite store, an exclusive lock beside the database file: MLflow creates and migrates
+    the schema on first use, and two processes doing that at once fail ("duplicate column name").
+    A no-op for other stores."""
+    from contextlib import nullcontext
+
+    from sweep.assets import file_lock
+
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        return nullcontext()
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    return file_lock(db.with_name(f".{db.name}.lock"))
 
 
 def _param_value(v: Any) -> str:

@@ -273,3 +273,54 @@ def test_server_dropping_mid_job_fails_that_job_keeps_its_metrics_and_resume_fil
         assert p3.returncode == 0 and "0 done, 2 skipped, 0 failed" in p3.stdout, p3.stderr[-3000:]
     finally:
         server.stop()
+
+
+# -- a worker killed from outside (kill -9, the OOM killer) ---------------------------------------------
+def _first_running_job(out: Path, sweep_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = []
+        if list(sweep_dir.glob("*/.hydra")):  # the jobs started: the store exists (not created under us)
+            found = runs(out, filter_string="attributes.status = 'RUNNING' and tags.`sweep.role` = 'job'")
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no job run became RUNNING (exit {proc.poll()}): {proc.stderr.read() if proc.stderr else ''}")
+
+
+def test_a_killed_worker_aborts_the_sweep_with_a_summary_and_no_run_left_running(tmp_path, assets):
+    import os
+    import signal
+
+    from sweep.callbacks import LOST
+
+    out = tmp_path / "outputs"
+    args = ("-m", "model=yolov5n", "data=coco-val128", "data.limit=32", "report=false", "sparsity=0,0.3",
+            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    extra = [f"paths.outputs={out}", f"paths.preprocessed={out}/pre", *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "sweep", *args, *extra, f"hydra.sweep.dir={tmp_path / 's1'}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim = _first_running_job(out, tmp_path / "s1", proc)
+        os.kill(int(victim.data.tags["pid"]), signal.SIGKILL)  # the job's own process: a joblib worker
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "sweep aborted" in stderr, stdout[-2000:] + stderr[-3000:]
+    assert "TerminatedWorkerError" in stderr or "terminated abruptly" in stderr
+    table = (tmp_path / "s1" / "summary.txt").read_text()
+    assert LOST in table and table.strip() in stdout  # the summary table still came
+    after = {r.info.run_id: r for r in runs(out)}
+    assert not [r.info.run_name for r in after.values() if r.info.status == "RUNNING"]
+    killed = after[victim.info.run_id]
+    assert killed.info.status == "FAILED" and killed.data.tags["error"].startswith("orphaned: process")
+    [parent] = [r for r in after.values() if r.data.tags.get("sweep.role") == "parent"]
+    assert parent.info.status == "FAILED" and parent.data.tags["error"].startswith("aborted")
+
+    # running the command again finishes the sweep: each point ends with exactly one FINISHED run
+    p = run_cli(out, *args, sweep_dir=tmp_path / "s2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    finished = [r for r in runs(out, filter_string="attributes.status = 'FINISHED' and tags.`sweep.role` = 'job'")]
+    assert sorted(r.info.run_name for r in finished) == _names(0, 0.3)

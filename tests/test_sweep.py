@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import run_cli, runs
+from helpers import make_cfg, run_cli, runs
+from omegaconf import OmegaConf
 
 TINY = ("model=yolov5n", "data=coco-val128", "data.limit=8", "eval.imgsz=320")
 
@@ -84,3 +85,23 @@ def test_bad_input_gives_one_clear_message_and_no_run(tmp_path, assets, args, ne
     assert needle in p.stderr
     assert "Traceback" not in p.stderr
     assert runs(out) == []
+
+
+def test_read_outcomes_reports_a_job_that_started_without_an_outcome_as_lost(tmp_path):
+    import json
+
+    from sweep.callbacks import LOST, read_outcomes, summary_table
+
+    sweep = tmp_path / "sweep"
+    cfg = make_cfg(tmp_path, "model=yolov5n", "sparsity=0.3")
+    for job in ("0", "1", "10", "2"):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    for job in ("0", "2", "10"):
+        (sweep / job / "outcome.json").write_text(json.dumps(
+            {"status": "done", "name": f"n{job}", "run_id": "r", "reason": "", "metrics": {"mAP50-95": 0.5, "AR100": 0.6}}))
+    (sweep / ".submitit").mkdir()  # the submitit launcher's folder is no job
+    outcomes = read_outcomes(sweep)
+    assert [o["job"] for o in outcomes] == ["0", "1", "2", "10"]
+    assert outcomes[1] == {"job": "1", "status": "failed", "name": "yolov5n-l1_unstructured-s0.30", "reason": LOST}
+    assert summary_table(outcomes).splitlines()[-1] == "sweep: 3 done, 0 skipped, 1 failed"

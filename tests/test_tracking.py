@@ -1,0 +1,63 @@
+"""Closing runs orphaned by dead processes (sweep.tracking), against a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+from sweep.tracking import Tracker, process_alive
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_process_alive_tells_a_live_process_from_a_finished_one():
+    assert process_alive(os.getpid())
+    assert not process_alive(_dead_pid())
+
+
+def test_close_orphans_fails_only_runs_of_dead_processes_of_this_host(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", (tmp_path / "art").as_uri())
+    host, dead, me = platform.node(), str(_dead_pid()), str(os.getpid())
+    ids = {
+        "dead": tracker.start_run("dead", {"host": host, "pid": dead, "sweep_id": "a"}),
+        "dead_other_sweep": tracker.start_run("dead2", {"host": host, "pid": dead, "sweep_id": "b"}),
+        "alive": tracker.start_run("alive", {"host": host, "pid": me, "sweep_id": "a"}),
+        "other_host": tracker.start_run("far", {"host": host + "-elsewhere", "pid": dead, "sweep_id": "a"}),
+        "no_pid": tracker.start_run("old", {"host": host, "sweep_id": "a"}),
+        "finished": tracker.start_run("done", {"host": host, "pid": dead, "sweep_id": "a"}),
+    }
+    tracker.end(ids["finished"], "FINISHED")
+
+    def status(key: str) -> str:
+        return tracker.client.get_run(ids[key]).info.status
+
+    assert tracker.close_orphans("tags.sweep_id = 'a'") == [ids["dead"]]
+    assert status("dead") == "FAILED"
+    assert tracker.client.get_run(ids["dead"]).data.tags["error"].startswith(f"orphaned: process {dead} on {host}")
+    assert [status(k) for k in ("dead_other_sweep", "alive", "other_host", "no_pid", "finished")] == \
+        ["RUNNING", "RUNNING", "RUNNING", "RUNNING", "FINISHED"]
+
+    # without a filter: every sweep; this process's own runs only once it says it has ended
+    assert tracker.close_orphans() == [ids["dead_other_sweep"]]
+    assert tracker.close_orphans(this_process_ended=True) == [ids["alive"]]
+    assert [status(k) for k in ("other_host", "no_pid")] == ["RUNNING", "RUNNING"]
+
+
+def test_processes_creating_one_new_sqlite_store_at_once_all_succeed(tmp_path):
+    # MLflow creates and migrates the schema on first use; unserialised, concurrent first uses
+    # fail with "duplicate column name" (seen with 3 processes before the lock existed)
+    code = ("import sys; from sweep.tracking import Tracker; "
+            "t = Tracker(sys.argv[1], 'exp'); print(t.start_run('r', {}))")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for _, e in results]
+    tracker = Tracker(uri, "exp")
+    assert len(tracker.search("")) == 3
