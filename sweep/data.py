@@ -594,39 +594,6 @@ class Dataset:
                     for f in job[3]:
                         f.cancel()
 
-    @classmethod
-    def from_config(cls, data: Any, *, names: Any = None, split: str = "val", **kwargs: Any
-                    ) -> "Dataset":
-        """Build from a ``DataConfig``-like object (``sweep.config.DataConfig`` / DictConfig).
-
-        ``data.yaml`` set -> read with :func:`load_data_yaml` (its ``path``/split/``names``);
-        else ``data.path`` is the root and ``data.<split>`` is relative to it (or absolute).
-        Class names: ``data.names``, else the yaml's, else ``names`` (e.g. the checkpoint's).
-        ``data.limit``, ``data.annotations`` (relative to the root) and ``data.coco80_to_91``
-        are honoured; ``kwargs`` go to the constructor (imgsz, batch, stride, workers, ...).
-        """
-        get = (lambda k, d=None: data.get(k, d)) if hasattr(data, "get") else \
-              (lambda k, d=None: getattr(data, k, d))
-        yaml_names = None
-        if get("yaml"):
-            y = load_data_yaml(get("yaml"))
-            root = Path(y["path"])
-            spec = y.get(split)
-            yaml_names = y.get("names")
-        else:
-            if not get("path"):
-                raise DataError(f"data config {get('name')!r} has neither path nor yaml")
-            root = Path(str(get("path"))).expanduser()
-            spec = get(split)
-            if spec is not None:
-                spec = _join(root, spec)
-        if not spec:
-            raise DataError(f"data config {get('name')!r} has no {split!r} split")
-        ann = get("annotations")
-        return cls(spec, get("names") or yaml_names or names, limit=get("limit"),
-                   annotations=(_join(root, ann) if ann else None),
-                   coco80_to_91=bool(get("coco80_to_91", False)), **kwargs)
-
 
 def _join(root: Path, spec: Any) -> Any:
     if isinstance(spec, (list, tuple)) or (hasattr(spec, "__iter__") and not isinstance(spec, (str, Path))):

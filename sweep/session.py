@@ -40,8 +40,8 @@ class DataSpec:
         """The split's images (folder, list file or list) as absolute paths."""
         spec = self.val if split == "val" else self.train
         if isinstance(spec, (list, tuple)):
-            return [str(self.root / str(s)) for s in spec]  # an absolute s stays absolute
-        return str(self.root / str(spec))
+            return [str(self.root / Path(str(s)).expanduser()) for s in spec]  # an absolute s stays absolute
+        return str(self.root / Path(str(spec)).expanduser())
 
 
 @dataclass

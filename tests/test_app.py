@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from helpers import make_cfg, runs
@@ -176,3 +177,20 @@ def test_every_pruning_method_runs_a_job_with_its_accounting(tmp_path, assets, m
 
 
 _SHARED = SessionCache()
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_coco_val128_calibration_split_resolves_with_a_relative_or_absolute_cache(tmp_path, assets, relative):
+    import os
+
+    from sweep.assets import cache_root
+
+    cache = os.path.relpath(assets) if relative else str(assets)  # the README's SWEEP_CACHE=../shared/assets
+    cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "prune.fused=false", "recover=bn",
+                   f"paths.cache={cache}")
+    session = SessionCache()
+    spec = session.data_spec(cfg.data, cache_root(cfg.paths.cache))
+    cal = session.calibration(cfg, spec, "cpu")
+    assert len(cal.files) == 128
+    assert all(Path(f).resolve().parent == (assets / "datasets" / "coco128-calib" / "images" / "train2017").resolve()
+               for f in cal.files)

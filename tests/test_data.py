@@ -352,7 +352,7 @@ def test_class_map():
     assert missing == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
 
 
-def test_load_data_yaml_and_from_config(tiny: Path, tmp_path: Path):
+def test_load_data_yaml_resolves_paths_and_names_for_the_dataset(tiny: Path, tmp_path: Path):
     y = tmp_path / "cfg" / "d.yaml"
     y.parent.mkdir()
     y.write_text("path: ..\nval: images/val\ntrain: [images/val]\nnames:\n  0: a\n  1: b\n  2: c\n")
@@ -360,10 +360,9 @@ def test_load_data_yaml_and_from_config(tiny: Path, tmp_path: Path):
     assert d["path"] == str(tmp_path) and d["val"] == str(tmp_path / "images" / "val")
     assert d["train"] == [str(tmp_path / "images" / "val")]
     assert d["names"] == NAMES3 and d["nc"] == 3
-    ds = Dataset.from_config({"name": "t", "yaml": str(y), "limit": 3}, imgsz=64, batch=2)
+    ds = Dataset(d["val"], d["names"], imgsz=64, batch=2, limit=3)
     assert ds.names == NAMES3 and len(ds) == 3
-    ds = Dataset.from_config({"name": "t", "path": str(tmp_path), "val": "images/val",
-                              "coco80_to_91": True}, names=["x"] * 80, imgsz=64)
+    ds = Dataset(str(tmp_path / "images" / "val"), ["x"] * 80, imgsz=64, coco80_to_91=True)
     assert len(ds) == 4 and ds.class_map == COCO80_TO_91 and ds.nc == 80
     y.write_text("val: images\nnames: [a]\nnc: 2\n")
     with pytest.raises(DataError, match="nc=2"):
