@@ -507,12 +507,13 @@ def _from_ours(obj: Mapping[str, Any], path: Path) -> tuple[DetectionModel, dict
 # ---------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> LoadedCheckpoint:
     """Load an official YOLOv5 ``.pt`` (any nc, v5.0+ modules) or one written by ``save_checkpoint``.
 
     Never executes code from the file: globals outside ``allowed_globals()`` are refused
     with ``CheckpointError`` naming the global. Returns the rebuilt model in FP32, eval mode
-    (unfused for official checkpoints; as saved for ours).
+    (unfused for official checkpoints; as saved for ours). ``sha256``: the file's digest when
+    the caller has it already (else it is computed).
     """
     path = Path(path)
     if not path.is_file():
@@ -527,4 +528,4 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         model, meta = _from_official(obj, path)
     model.float().eval()
     return LoadedCheckpoint(model=model, names=list(model.names), stride=model.stride.clone(),
-                            yaml=model.yaml, sha256=file_sha256(path), meta=meta)
+                            yaml=model.yaml, sha256=sha256 or file_sha256(path), meta=meta)

@@ -105,7 +105,7 @@ class SessionCache:
         key = (str(path), path.stat().st_mtime)
         if key not in self.checkpoints:
             self.checkpoints.clear()  # one model at a time: a grid sweeps sparsity within each model
-            self.checkpoints[key] = load_checkpoint(path)
+            self.checkpoints[key] = load_checkpoint(path, self.sha256(path))  # hashed once per file
         return self.checkpoints[key]
 
     def dense_accounting(self, path: Path, pristine: Any, imgsz: int) -> dict[str, Any]:

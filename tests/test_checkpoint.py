@@ -468,3 +468,14 @@ def test_malformed_files_in_our_format(tmp_path):
         with pytest.raises(CheckpointError) as err:
             load_checkpoint(path)
         assert str(err.value).startswith(f"cannot load {path}: ") and expected in str(err.value)
+
+
+def test_session_cache_passes_its_digest_to_the_loader(yolov5n_path):
+    from sweep.assets import file_sha256
+    from sweep.session import SessionCache
+
+    cache = SessionCache()
+    ckpt = cache.checkpoint(yolov5n_path)
+    assert ckpt.sha256 == file_sha256(yolov5n_path)
+    assert list(cache.hashes.values()) == [ckpt.sha256]  # the one digest serves the config hash and the loader
+    assert cache.checkpoint(yolov5n_path) is ckpt
