@@ -188,7 +188,9 @@ def test_load_leaves_torch_safe_globals_registry_alone(yolov5n_path, tmp_path):
     load_checkpoint(yolov5n_path)
     with pytest.raises(CheckpointError):
         load_checkpoint(torch_zip(tmp_path / "bad.pt", b"\x80\x02" + call_global("os", "getcwd") + b"."))
-    assert list(torch.serialization.get_safe_globals()) == before
+    after = list(torch.serialization.get_safe_globals())
+    # the same entries (torch keeps them in a set: adding and removing ours may reorder the rest)
+    assert len(after) == len(before) and set(after) == set(before)
 
 
 def test_allowlist_excludes_code_execution():
