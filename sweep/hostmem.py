@@ -6,8 +6,9 @@ glibc's malloc serves every block above its mmap threshold (at most 32 MB) with 
 on this project's 2-core machines a pass of yolov5n over coco-val128 took 17 M minor page
 faults and as much kernel time as compute. Serving large blocks from the heap and never
 trimming it makes later passes reuse the same pages: 14.3 s -> 6.3 s per pass (yolov5n),
-37.4 s -> 21.9 s (yolov5m, 64 images). The price is that the process keeps its peak host
-memory plus some fragmentation (maxrss 2.2 -> 3.5 GB for yolov5n, 2.9 -> 4.8 GB for yolov5m).
+37.4 s -> 21.9 s (yolov5m, 64 images), ~94 s -> ~58 s (yolov5x, 32 images). The price is that
+the process keeps its peak host memory plus some fragmentation (maxrss 2.2 -> 3.5 GB for
+yolov5n, 2.9 -> 4.8 GB for yolov5m, 4.0 -> ~5.1 GB for yolov5x; flat over repeated passes).
 
 Only glibc (Linux) has these knobs; elsewhere this does nothing. ``eval.reuse_host_memory``
 switches it off.
