@@ -111,6 +111,11 @@ def nms_threads(device: torch.device) -> int:
     return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
 
 
+@torch.inference_mode()  # thread-local: pool threads enter it themselves, like the loop's thread
+def _nms_in_thread(x: torch.Tensor, conf: float, iou: float, max_det: int) -> torch.Tensor:
+    return nms_image(x, conf, iou, max_det)
+
+
 @torch.inference_mode()
 def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluator: Updatable, *,
                   device: torch.device, half: bool, conf: float, iou: float, max_det: int,
@@ -139,7 +144,7 @@ def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluato
             sync(device)
             t2 = time.perf_counter()
             if threads > 1:
-                out = list(pool.map(lambda x: nms_image(x, conf, iou, max_det), pred))
+                out = list(pool.map(lambda x: _nms_in_thread(x, conf, iou, max_det), pred))
             else:
                 out = [nms_image(x, conf, iou, max_det) for x in pred]
             sync(device)
