@@ -155,6 +155,8 @@ def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None)
     tracker = None
     if cfg.mlflow.enabled:
         tracker = Tracker.from_config(cfg)
+        if not ctx.sweep_id:  # a single run; a multirun's callback does this once at sweep start
+            tracker.close_orphans()
         if cfg.resume:
             prev = tracker.finished_run(chash)
             if prev is not None:

@@ -104,10 +104,7 @@ class SweepCallback(Callback):
         sweep_id = Path(str(config.hydra.sweep.dir)).name
         try:
             tracker = _tracker(config)
-            closed = tracker.close_orphans()
-            if closed:
-                log.warning("closed %d run(s) left RUNNING by dead processes of this host (now FAILED, "
-                            "tag error=orphaned...): %s", len(closed), ", ".join(closed))
+            tracker.close_orphans()  # runs earlier sweeps' dead processes left RUNNING
             existing = tracker.parent_run(sweep_id)
             if existing is not None:
                 self.parent_run_id = existing.info.run_id

@@ -216,6 +216,9 @@ class Tracker:
             self.fail(run.info.run_id, f"orphaned: process {pid} on {host} ended without closing this run "
                                        "(killed, out of memory, or its tracking store was unreachable)")
             closed.append(run.info.run_id)
+        if closed:
+            log.warning("ended FAILED %d run(s) left RUNNING by dead processes of this host (tag error=orphaned...): %s",
+                        len(closed), ", ".join(closed))
         return closed
 
 

@@ -194,3 +194,22 @@ def test_coco_val128_calibration_split_resolves_with_a_relative_or_absolute_cach
     assert len(cal.files) == 128
     assert all(Path(f).resolve().parent == (assets / "datasets" / "coco128-calib" / "images" / "train2017").resolve()
                for f in cal.files)
+
+
+def test_a_single_run_closes_runs_left_running_by_dead_processes_of_this_host(tmp_path, assets):
+    import platform
+    import subprocess
+    import sys
+
+    from sweep.tracking import Tracker
+
+    cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "data.limit=4", "eval.imgsz=320", "sparsity=0.3")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tracker = Tracker.from_config(cfg)
+    orphan = tracker.start_run("killed-earlier", {"host": platform.node(), "pid": str(dead.pid)})
+    out = run_job(cfg, JobContext(tmp_path / "job"))
+    assert out.status == "done"
+    closed = tracker.client.get_run(orphan)
+    assert closed.info.status == "FAILED" and closed.data.tags["error"].startswith("orphaned:")
+    assert tracker.client.get_run(out.run_id).info.status == "FINISHED"
