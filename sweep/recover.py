@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -154,7 +154,7 @@ def eval_overlap(calibration_files: list[str], eval_files: list[str]) -> list[tu
     return pairs
 
 
-def calibration_source(cfg: DictConfig, data: Any, device: Any) -> Calibration | None:
+def calibration_source(cfg: DictConfig, eval_files: Sequence[str], device: Any) -> Calibration | None:
     """The calibration images for ``cfg.recover`` (None for ``recover.method=none``).
 
     Source: ``recover.data`` (relative paths are relative to the working directory; a ``.yaml``/
@@ -163,8 +163,8 @@ def calibration_source(cfg: DictConfig, data: Any, device: Any) -> Calibration |
     The first ``recover.images`` files in sorted path order are taken; an unreadable one among
     them is skipped with a warning (not replaced), so ``recover_images`` can be smaller.
 
-    ``data``: the job's evaluation data (``sweep.session.EvalData``; ``data.dataset.files`` are the
-    evaluated images). ``device``: where the recoverer runs the forward passes. Raises
+    ``eval_files``: the paths of the evaluated images. ``device``: where the recoverer runs the
+    forward passes. Raises
     ConfigError when there is no source, when it has no usable image, and when a calibration image
     is also an evaluation image (unless ``recover.allow_eval_images=true``).
     """
@@ -188,8 +188,7 @@ def calibration_source(cfg: DictConfig, data: Any, device: Any) -> Calibration |
     if len(ds) < n:
         log.warning("calibration: %d images requested (recover.images) but %s has %d usable; using %d", n, shown,
                     len(ds), len(ds))
-    eval_files = list(getattr(getattr(data, "dataset", None), "files", []) or [])
-    pairs = eval_overlap(ds.files, eval_files)
+    pairs = eval_overlap(ds.files, list(eval_files))
     if pairs and not r.allow_eval_images:
         c, e = pairs[0]
         raise ConfigError(

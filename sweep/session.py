@@ -212,8 +212,6 @@ class SessionCache:
     def calibration(self, cfg: DictConfig, spec: DataSpec, device: Any) -> Any:
         """Calibration images for ``cfg.recover`` (None for ``recover=none``), checked against the
         evaluation images; cached per (recover settings, imgsz, evaluation set)."""
-        from types import SimpleNamespace
-
         from sweep.data import list_image_files
         from sweep.recover import calibration_source
 
@@ -225,6 +223,5 @@ class SessionCache:
             files = list_image_files(spec.source())
             if spec.limit is not None:
                 files = files[: int(spec.limit)]
-            eval_like = SimpleNamespace(dataset=SimpleNamespace(files=files))
-            self.calib = {key: calibration_source(cfg, eval_like, device)}
+            self.calib = {key: calibration_source(cfg, files, device)}
         return self.calib[key]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -93,8 +92,9 @@ def write_images(folder: Path, names: list[str], seed: int = 0) -> list[Path]:
     return out
 
 
-def eval_data(files: list[Path]) -> SimpleNamespace:
-    return SimpleNamespace(dataset=SimpleNamespace(files=[str(f) for f in files]), eval_image_ids=[])
+def eval_data(files: list[Path]) -> list[str]:
+    """The evaluated images' paths, as the session passes them."""
+    return [str(f) for f in files]
 
 
 # --------------------------------------------------------------------------- recoverers
