@@ -206,9 +206,8 @@ def _record_failure(tracker: Any, run_id: str, output_dir: Path, exc: BaseExcept
     tb = output_dir / "traceback.txt"
     tb.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     try:
-        tracker.log(run_id, tags={"error": f"{type(exc).__name__}: {exc}"})
         tracker.log_artifacts(run_id, [tb])
-        tracker.end(run_id, "FAILED")
+        tracker.fail(run_id, f"{type(exc).__name__}: {exc}")
     except Exception as log_exc:  # noqa: BLE001 - the job's own error matters more
         log.error("could not record the failure in MLflow: %s", log_exc)
 

@@ -85,6 +85,16 @@ def _counts(outcomes: list[dict[str, Any]]) -> dict[str, int]:
     return {f"jobs_{s}": sum(o["status"] == s for o in outcomes) for s in ("done", "skipped", "failed")}
 
 
+def _summarize(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Print the sweep's done / skipped / failed table and save it as ``summary.txt``; the outcomes."""
+    outcomes = read_outcomes(sweep_dir)
+    table = summary_table(outcomes)
+    print(table, flush=True)
+    sweep_dir.mkdir(parents=True, exist_ok=True)  # a launcher can fail before any job made it
+    (sweep_dir / "summary.txt").write_text(table + "\n")
+    return outcomes
+
+
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
@@ -129,10 +139,7 @@ class SweepCallback(Callback):
         atexit.unregister(self._abandoned)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_id = sweep_dir.name
-        outcomes = read_outcomes(sweep_dir)
-        table = summary_table(outcomes)
-        print(table, flush=True)
-        (sweep_dir / "summary.txt").write_text(table + "\n")
+        outcomes = _summarize(sweep_dir)
         failed = sum(o["status"] == "failed" for o in outcomes)
         if config.mlflow.enabled and self.parent_run_id:
             try:
@@ -154,13 +161,7 @@ class SweepCallback(Callback):
         if config is None:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        outcomes = read_outcomes(sweep_dir)
-        table = summary_table(outcomes)
-        print(table, flush=True)
-        try:
-            (sweep_dir / "summary.txt").write_text(table + "\n")
-        except OSError:
-            pass
+        outcomes = _summarize(sweep_dir)
         print("sweep aborted: the launcher stopped before every job reported (see the error above); "
               "run the same command again to finish it (resume skips the finished points)", file=sys.stderr, flush=True)
         if not (config.mlflow.enabled and self.parent_run_id):
@@ -168,9 +169,8 @@ class SweepCallback(Callback):
         try:
             tracker = _tracker(config)
             if tracker.client.get_run(self.parent_run_id).info.status == "RUNNING":  # Ctrl-C marked it KILLED
-                tracker.log(self.parent_run_id, tags=_counts(outcomes) | {
-                    "error": "aborted: the launcher stopped before every job reported"})
-                tracker.end(self.parent_run_id, "FAILED")
+                tracker.log(self.parent_run_id, tags=_counts(outcomes))
+                tracker.fail(self.parent_run_id, "aborted: the launcher stopped before every job reported")
             closed = tracker.close_orphans(f"tags.sweep_id = '{sweep_dir.name}'", this_process_ended=True)
             log.info("sweep %s aborted: parent run FAILED, %d job run(s) left RUNNING by dead processes ended FAILED",
                      sweep_dir.name, len(closed))
