@@ -239,8 +239,9 @@ def resolve_weights(name: str, cache: str | os.PathLike, weights: str | os.PathL
     if weights is not None and str(weights).strip():
         path = Path(str(weights)).expanduser()
         if not path.is_file():
-            raise AssetError(f"model.weights={str(weights)!r}: no such file")
-        return path
+            raise AssetError(f"model.weights={str(weights)!r}: no such file; allowed is the path of a YOLOv5 .pt "
+                             "checkpoint")
+        return path.resolve()
     return ensure_weights(name, cache, url, progress=progress)
 
 

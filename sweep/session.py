@@ -53,7 +53,6 @@ class EvalData:
     eval_image_ids: list[Any]
     class_map: list[int]
     instances: int
-    key: tuple = ()
     batches: list[Any] | None = None
 
     @property
@@ -79,15 +78,9 @@ class SessionCache:
     # -- weights ------------------------------------------------------------------------------
     def weights_path(self, model_cfg: DictConfig, cache_dir: Path) -> Path:
         """The checkpoint file for ``model_cfg`` (downloaded into the cache when missing)."""
-        from sweep.assets import AssetError, ensure_weights
+        from sweep.assets import resolve_weights
 
-        if model_cfg.weights:
-            p = Path(str(model_cfg.weights)).expanduser()
-            if not p.is_file():
-                raise AssetError(f"model.weights={str(model_cfg.weights)!r}: no such file; allowed is the path "
-                                 "of a YOLOv5 .pt checkpoint")
-            return p.resolve()
-        return ensure_weights(str(model_cfg.name), cache_dir, url=model_cfg.url)
+        return resolve_weights(str(model_cfg.name), cache_dir, model_cfg.weights, model_cfg.url)
 
     def sha256(self, path: Path) -> str:
         st = path.stat()
@@ -175,7 +168,7 @@ class SessionCache:
         else:
             gt = coco_ground_truth(ds)
             instances = len(gt["annotations"])
-        data = EvalData(ds, gt, list(ds.image_ids), class_map, instances, key)
+        data = EvalData(ds, gt, list(ds.image_ids), class_map, instances)
         self.data = {k: v for k, v in self.data.items() if k[:4] == key[:4]}  # keep one dataset's settings
         self.data[key] = data
         return data
