@@ -19,6 +19,7 @@ with their actual channel counts.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -234,15 +235,17 @@ class _Opaque:
         return "<opaque>"
 
 
-def _safe_globals() -> list[Any]:
-    """Entries for ``torch.serialization.safe_globals``: torch.nn classes, stand-ins, placeholders."""
+@functools.cache
+def _safe_globals() -> tuple[Any, ...]:
+    """Entries for ``torch.serialization.safe_globals``: torch.nn classes, stand-ins, placeholders.
+    Built once: the same stand-in classes serve every load (and match an earlier registration)."""
     entries: list[Any] = list(TORCH_MODULES)
     for dotted in YOLOV5_CLASSES:
         short = dotted.rsplit(".", 1)[1]
         cls = type(short, (_StandIn,), {"pickled_name": dotted, "__module__": __name__})
         entries.append((cls, dotted))
     entries += [(_Opaque, dotted) for dotted in OPAQUE_CLASSES]
-    return entries
+    return tuple(entries)
 
 
 def _refusal_message(path: Path, torch_message: str) -> str:
@@ -292,10 +295,10 @@ def _checked_names(names: Any, nc: int, path: Path) -> list[str]:
     return out
 
 
-def _official_parts(obj: Any, path: Path) -> tuple[nn.Module, Mapping[str, Any]]:
-    """The pickled model (EMA when present) and the checkpoint dict it came from."""
+def _official_model(obj: Any, path: Path) -> nn.Module:
+    """The pickled model of an official checkpoint (EMA when present)."""
     if isinstance(obj, _StandIn):
-        return obj, {}
+        return obj
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"cannot load {path}: expected a checkpoint dict, got {type(obj).__name__}")
     ema, model = obj.get("ema"), obj.get("model")
@@ -303,7 +306,7 @@ def _official_parts(obj: Any, path: Path) -> tuple[nn.Module, Mapping[str, Any]]
     if not isinstance(chosen, _StandIn):
         raise CheckpointError(f"cannot load {path}: no YOLOv5 model under 'ema' or 'model' "
                               f"(keys: {', '.join(map(str, obj.keys()))})")
-    return chosen, obj
+    return chosen
 
 
 def _without_hooks(module: nn.Module) -> None:
@@ -361,7 +364,7 @@ def _check_stride(model: DetectionModel, stride: Any, path: Path) -> None:
 
 
 def _from_official(obj: Any, path: Path) -> tuple[DetectionModel, dict[str, Any]]:
-    pickled, _ = _official_parts(obj, path)
+    pickled = _official_model(obj, path)
     model = _build(getattr(pickled, "yaml", None), path)
     _load_strict(model, _state_dict_fp32(pickled, path), path)
     _check_stride(model, getattr(pickled, "stride", None), path)

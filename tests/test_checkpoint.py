@@ -480,4 +480,5 @@ def test_session_cache_passes_its_digest_to_the_loader(yolov5n_path):
     ckpt = cache.checkpoint(yolov5n_path)
     assert ckpt.sha256 == file_sha256(yolov5n_path)
     assert list(cache.hashes.values()) == [ckpt.sha256]  # the one digest serves the config hash and the loader
+    assert ckpt.sha256 is next(iter(cache.hashes.values()))  # the same object: the loader did not hash again
     assert cache.checkpoint(yolov5n_path) is ckpt
