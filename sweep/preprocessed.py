@@ -13,6 +13,7 @@ shape); a corrupt entry is deleted and rebuilt, never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,10 +47,10 @@ def writable(folder: Path) -> bool:
     return bool(mode & stat.S_IWUSR) and os.access(p, os.W_OK)
 
 
-def _meta(batch: Batch, shape: tuple[int, ...]) -> dict[str, Any]:
+def _meta(batch: Batch) -> dict[str, Any]:
     return {"image_ids": list(batch.image_ids), "paths": list(batch.paths),
             "shapes0": [list(s) for s in batch.shapes0],
-            "ratio_pad": [[list(r), list(p)] for r, p in batch.ratio_pad], "shape": list(shape)}
+            "ratio_pad": [[list(r), list(p)] for r, p in batch.ratio_pad], "shape": list(batch.images.shape)}
 
 
 class PreprocessedCache:
@@ -101,14 +102,12 @@ class PreprocessedCache:
         try:
             for k, batch in enumerate(dataset.iter_batches()):
                 np.save(tmp / f"batch_{k:05d}.npy", batch.images.numpy(), allow_pickle=False)
-                metas.append(_meta(batch, tuple(batch.images.shape)))
+                metas.append(_meta(batch))
                 yield batch
             (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "batches": metas}))
-            try:
+            with contextlib.suppress(OSError):  # another process stored the same entry first: theirs is as good
                 os.rename(tmp, entry)
-            except OSError:  # another process stored the same entry first: theirs is as good
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
+        finally:  # ours not renamed (theirs won, or an error): remove it
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 

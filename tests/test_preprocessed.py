@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 
 import torch
@@ -42,6 +43,14 @@ def test_key_changes_with_settings_and_files(tmp_path, val128_dir):
     assert a.cache_key() != _dataset(val128_dir, imgsz=640).cache_key()
     assert a.cache_key() != _dataset(val128_dir, batch=2).cache_key()
     assert a.cache_key() != _dataset(val128_dir, limit=5).cache_key()
+    # a file rewritten in place (same names, same count): its mtime changes the key
+    for sub in ("images", "labels"):
+        shutil.copytree(val128_dir / sub / "val2017", tmp_path / sub / "val2017")
+    before = _dataset(tmp_path).cache_key()
+    first = sorted((tmp_path / "images" / "val2017").iterdir())[0]
+    st = first.stat()
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert _dataset(tmp_path).cache_key() != before
 
 
 def test_corrupt_entry_is_rebuilt(tmp_path, val128_dir):
