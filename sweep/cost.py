@@ -183,7 +183,7 @@ def accounting(
         metrics["sparsity_target"] = float(sparsity_target)
     metrics.update({
         "sparsity": int(sel["zeros"].sum()) / numel if numel else 0.0,
-        "sparsity_global": sparsity_global(model),
+        "sparsity_global": (params - nonzero) / params if params else 0.0,  # = sparsity_global(model), one pass
         "params": params,
         "params_nonzero": nonzero,
         "gflops": gflops(model, imgsz),
