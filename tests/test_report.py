@@ -15,7 +15,6 @@ import pytest
 
 from sweep.report import REPORT_FILES, ReportError, build_report
 from sweep.report import figures as F
-from sweep.report import pdf as P
 from sweep.report import query as Q
 from sweep.report import tables as T
 from sweep.report.__main__ import main
@@ -168,7 +167,6 @@ def test_main_sweep_files(main_sweep):
         if name.endswith(".png"):
             png_ok(out / name)
     # title + 4 figures + results table (17 rows -> one page)
-    assert pdf_pages(out / "report.pdf") == 1 + 4 + P.table_pages(pd.DataFrame(index=range(17)))
     assert pdf_pages(out / "report.pdf") == 6
     assert not list(st.root.joinpath("reports").glob(".*")), "temporary folder left behind"
 
@@ -300,7 +298,7 @@ def test_all_failed_raises_and_writes_nothing(tmp_path, empty_db):
     pid, _ = st.sweep("bad", jobs)
     with pytest.raises(ReportError, match=r"all 2 runs of sweep 'bad' failed.*out of memory"):
         build_report(st.uri, EXP, out_root=tmp_path / "r")
-    assert not list((tmp_path / "r").rglob("*.pdf")) if (tmp_path / "r").exists() else True
+    assert not (tmp_path / "r").exists()
     assert not (tmp_path / "r" / "bad").exists()
     assert st.client.list_artifacts(pid) == []
 
@@ -359,7 +357,8 @@ def test_mixed_imgsz_and_half_are_split(tmp_path, empty_db):
     d320 = df[(df["params.eval.imgsz"] == 320) & (df["params.sparsity"] == 0.0)].iloc[0]
     assert r320["report.delta.mAP50-95"] == pytest.approx(r320["metrics.mAP50-95"] - d320["metrics.mAP50-95"])
     md = (out / "results.md").read_text()
-    assert "| setting |" in md.splitlines()[next(i for i, l in enumerate(md.splitlines()) if l.startswith("| model"))].replace("| model | method ", "| ")
+    head = next(l for l in md.splitlines() if l.startswith("| model"))
+    assert "| setting |" in head
     assert "never mixed on one curve" in md
     # one row of panels per setting: the accuracy figure is three panel rows tall
     w, h = png_ok(out / "accuracy_vs_sparsity.png")
@@ -399,8 +398,9 @@ def test_sensitivity_heatmap(tmp_path, empty_db):
     assert {p.name for p in out.iterdir()} == set(REPORT_FILES)
     png_ok(out / "sensitivity.png")
     assert pdf_pages(out / "report.pdf") == 1 + 5 + 1
-    norm = T.add_dense_columns(T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs)),
-                               refs := T.dense_refs(T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs))))
+    base = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs))
+    refs = T.dense_refs(base)
+    norm = T.add_dense_columns(base, refs)
     sens = norm[norm["include"].map(bool)]
     fig = F.sensitivity_figure(sens, refs, "t")
     ax = fig.axes[0]

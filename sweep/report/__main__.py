@@ -9,7 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from .build import build_report
-from .common import ALL, DEFAULT_EXPERIMENT, ReportError, default_out_root, default_tracking_uri
+from .common import ALL, DEFAULT_EXPERIMENT, ReportError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,8 +35,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = build_report(args.tracking_uri or default_tracking_uri(), args.experiment,
-                           sweep=ALL if args.all else args.sweep, out_root=args.out or default_out_root(),
+        out = build_report(args.tracking_uri, args.experiment,
+                           sweep=ALL if args.all else args.sweep, out_root=args.out or None,
                            parent_run_id=args.parent_run_id, attach=not args.no_attach)
     except KeyboardInterrupt:
         print("sweep.report: interrupted", file=sys.stderr)

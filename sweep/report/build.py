@@ -53,7 +53,7 @@ def _extra_dense(sel: Q.Selection, df: pd.DataFrame) -> Optional[pd.DataFrame]:
     """Finished dense runs elsewhere in the experiment for (model, setting) pairs the selection lacks."""
     if sel.mode == ALL:
         return None
-    ok = df[df["outcome"] == "ok"]
+    ok = T.ok_runs(df)
     have = set(map(tuple, ok[ok["is_dense"]][["model", "setting"]].to_numpy().tolist()))
     want = set(map(tuple, ok[["model", "setting"]].to_numpy().tolist())) - have
     if not want:
@@ -67,8 +67,8 @@ def _extra_dense(sel: Q.Selection, df: pd.DataFrame) -> Optional[pd.DataFrame]:
     runs = [r for r in runs if r.info.run_id not in ids]
     if not runs:
         return None
-    extra = T.normalize(Q.runs_frame(runs))
-    extra = extra[extra["is_dense"] & (extra["outcome"] == "ok")]
+    extra = T.ok_runs(T.normalize(Q.runs_frame(runs)))
+    extra = extra[extra["is_dense"]]
     keep = [(m, s) in want for m, s in zip(extra["model"], extra["setting"])]
     return extra[keep] if any(keep) else None
 
@@ -139,7 +139,7 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
         raise ReportError(f"{what} has no job runs (nothing finished yet?); no report written")
 
     df = T.normalize(Q.runs_frame(sel.runs))
-    ok = df[df["outcome"] == "ok"]
+    ok = T.ok_runs(df)
     if ok.empty:
         errors = _uniq(df["error"])
         detail = f"; first error: {errors[0][:200]}" if errors else ""
@@ -161,14 +161,16 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     df = T.add_dense_columns(df, refs)
 
     # per-layer sensitivity runs (prune.include varies) go to the heatmap, not the curves
+    def per_layer(frame: pd.DataFrame) -> pd.Series:
+        return frame["include"].map(bool) & ~frame["is_dense"]
+
     points = T.dedupe(df)
     include_varies = df["include"].nunique() > 1
-    is_layer = points["include"].map(bool) & ~points["is_dense"]
+    is_layer = per_layer(points)
     sens = points[is_layer] if include_varies else points.iloc[0:0]
     curve_points = points[~is_layer] if include_varies else points
     points_t = T.dedupe(df, by_device=True)
-    curve_points_t = points_t[~(points_t["include"].map(bool) & ~points_t["is_dense"])] if include_varies \
-        else points_t
+    curve_points_t = points_t[~per_layer(points_t)] if include_varies else points_t
     curve_note = "per-layer runs (prune.include varies): see sensitivity.png" if len(sens) else None
     if len(sens):
         notes.append(f"{_plural(len(sens), 'per-layer run')} (prune.include varies) are shown in sensitivity.png, "

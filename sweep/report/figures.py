@@ -72,13 +72,11 @@ class Panel:
     scale: float = 1.0
     dense: Optional[Callable[[DenseRef], float]] = None
     ref_line: Optional[float] = None
-    logy: bool = False
     from_zero: bool = False   # cost axes start at 0, so a flat line reads as flat
 
 
-def metric_panel(name: str, title: str, ylabel: str, scale: float = 1.0, logy: bool = False,
-                 from_zero: bool = False) -> Panel:
-    return Panel(metric(name), title, ylabel, scale, dense=lambda r, n=name: r.get(n) * scale, logy=logy,
+def metric_panel(name: str, title: str, ylabel: str, scale: float = 1.0, from_zero: bool = False) -> Panel:
+    return Panel(metric(name), title, ylabel, scale, dense=lambda r, n=name: r.get(n) * scale,
                  from_zero=from_zero)
 
 
@@ -110,14 +108,14 @@ def _no_data(ax, text: str = "no data") -> None:
 
 
 def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], panels: list[Panel],
-                 style: Style, title: str, group_col: str = "setting", groups: Optional[list[str]] = None,
-                 facet_recover: bool = True, note: Optional[str] = None) -> Figure:
+                 style: Style, title: str, group_col: str = "setting", facet_recover: bool = True,
+                 note: Optional[str] = None) -> Figure:
     """Lines of ``panel.column`` versus measured sparsity, one per (model, method[, variant]).
 
     ``points`` are finished, de-duplicated runs (dense ones included); ``refs`` the dense references
     keyed (model, group label).
     """
-    groups = groups or sorted(set(points[group_col]) | {g for _, g in refs})
+    groups = sorted(set(points[group_col]) | {g for _, g in refs})
     recs: list[Optional[str]] = [None]
     if facet_recover and points["recover"].nunique() > 1:
         recs = sorted(points["recover"].unique(), key=lambda r: (r != "none", r))
@@ -189,9 +187,7 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
             ax.set_xlabel(X_LABEL, fontsize=9)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=8)
-            if panel.logy and drawn:
-                ax.set_yscale("log")
-            elif panel.from_zero and drawn:
+            if panel.from_zero and drawn:
                 ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)
             if not drawn:
                 _no_data(ax)
@@ -223,17 +219,18 @@ def pareto_front(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
     return np.asarray(front, dtype=int)
 
 
-def pareto_figure(points: pd.DataFrame, style: Style, title: str, group_col: str = "timing_setting") -> Figure:
+def pareto_figure(points: pd.DataFrame, style: Style, title: str) -> Figure:
+    """mAP50-95 against inference time and non-zero parameters, one row per timing setting."""
     costs = [(metric("ms_inference"), "mAP50-95 vs inference time", "inference (ms/image)", 1.0),
              (metric("params_nonzero"), "mAP50-95 vs non-zero parameters", "non-zero parameters (millions)",
               1e-6)]
-    groups = sorted(points[group_col].unique()) if len(points) else ["(no runs)"]
+    groups = sorted(points["timing_setting"].unique()) if len(points) else ["(no runs)"]
     fig = Figure(figsize=(2 * 5.2, 4.0 * len(groups) + 1.3), layout="constrained")
     axes = fig.subplots(len(groups), len(costs), squeeze=False)
     ycol = metric("mAP50-95")
     recovered = sorted(r for r in points["recover"].unique() if r != "none") if len(points) else []
     for i, g in enumerate(groups):
-        sub = points[points[group_col] == g]
+        sub = points[points["timing_setting"] == g]
         for j, (col, t, xlabel, scale) in enumerate(costs):
             ax = axes[i][j]
             d = sub[sub[ycol].notna() & sub[col].notna()] if col in sub.columns else sub.iloc[0:0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import textwrap
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 from matplotlib.backends.backend_pdf import PdfPages
@@ -89,8 +88,7 @@ def table_figures(table: pd.DataFrame, title: str) -> list[Figure]:
     return figs
 
 
-def write_pdf(path: Path, pages: list[Figure], title: str, subject: Optional[str] = None) -> None:
-    with PdfPages(path, metadata={"Title": title, "Subject": subject or title,
-                                  "Creator": "sweep.report"}) as pdf:
+def write_pdf(path: Path, pages: list[Figure], title: str) -> None:
+    with PdfPages(path, metadata={"Title": title, "Subject": title, "Creator": "sweep.report"}) as pdf:
         for fig in pages:
             pdf.savefig(fig)

@@ -39,6 +39,7 @@ class Selection:
     parent: Optional[object] = None    # mlflow.entities.Run or None
     runs: list = field(default_factory=list)  # list[mlflow.entities.Run], job runs only
     notes: list[str] = field(default_factory=list)
+    client: Optional[object] = field(default=None, repr=False)  # the MlflowClient that selected the runs
 
     @property
     def parent_run_id(self) -> Optional[str]:
@@ -118,10 +119,15 @@ def _experiment(client, name: str):
     return exp
 
 
+def _parents(client, experiment_id: str, extra_filter: str = "", max_results: Optional[int] = None) -> list:
+    """Sweep parent runs (tag ``sweep.role=parent``), most recent first; ``extra_filter`` is and-ed."""
+    filter_string = f"tags.`{ROLE}` = 'parent'" + (f" and {extra_filter}" if extra_filter else "")
+    return search_all(client, [experiment_id], filter_string, order_by=["attributes.start_time DESC"],
+                      max_results=max_results)
+
+
 def _recent_sweeps(client, experiment_id: str, n: int = 5) -> list[str]:
-    parents = search_all(client, [experiment_id], f"tags.`{ROLE}` = 'parent'",
-                         order_by=["attributes.start_time DESC"], max_results=n)
-    return [p.data.tags.get("sweep_id", p.info.run_id) for p in parents]
+    return [p.data.tags.get("sweep_id", p.info.run_id) for p in _parents(client, experiment_id, max_results=n)]
 
 
 def _members(client, eid: str, sweep_id: Optional[str], parent_id: Optional[str]) -> tuple[list, int]:
@@ -129,10 +135,11 @@ def _members(client, eid: str, sweep_id: Optional[str], parent_id: Optional[str]
 
     Members: children of the parent run, runs tagged ``sweep_id=<id>``, and FINISHED runs of earlier
     sweeps that this sweep skipped as already done (resume by config hash tags them
-    ``also_in_sweep.<id>=true``).
+    ``also_in_sweep.<id>=true``). With a sweep id the children need no search of their own: a job is
+    only nested under the parent of its own ``sweep_id`` (sweep/app.py), so the tag search finds them.
     """
     found: dict[str, object] = {}
-    if parent_id:
+    if parent_id and not sweep_id:
         for r in search_all(client, [eid], f"tags.`{PARENT_TAG}` = '{parent_id}'"):
             found[r.info.run_id] = r
     reused = []
@@ -179,10 +186,9 @@ def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
         eid = exp.experiment_id
         if sweep == ALL:
             runs = [r for r in _jobs(search_all(client, [eid])) if r.info.status == "FINISHED"]
-            return Selection(tracking_uri, eid, exp.name, ALL, "all", None, runs)
+            return Selection(tracking_uri, eid, exp.name, ALL, "all", None, runs, client=client)
         if sweep is None:
-            latest = search_all(client, [eid], f"tags.`{ROLE}` = 'parent'",
-                                order_by=["attributes.start_time DESC"], max_results=1)
+            latest = _parents(client, eid, max_results=1)
             if not latest:
                 raise ReportError(f"experiment {exp.name!r} has no sweep parent runs (tag {ROLE}=parent); "
                                   f"pass --sweep ID, --parent-run-id ID or --all")
@@ -192,12 +198,9 @@ def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
             mode, sweep_id = "sweep", sweep
             q = _quote(sweep)
             if q is not None:
-                parents = search_all(client, [eid], f"tags.sweep_id = {q} and tags.`{ROLE}` = 'parent'",
-                                     order_by=["attributes.start_time DESC"])
+                parents = _parents(client, eid, f"tags.sweep_id = {q}")
             else:
-                parents = [r for r in search_all(client, [eid], f"tags.`{ROLE}` = 'parent'",
-                                                 order_by=["attributes.start_time DESC"])
-                           if r.data.tags.get("sweep_id") == sweep]
+                parents = [r for r in _parents(client, eid) if r.data.tags.get("sweep_id") == sweep]
             parent = parents[0] if parents else None
             if len(parents) > 1:
                 notes.append(f"{len(parents)} parent runs carry sweep_id={sweep}; attached to the latest "
@@ -213,7 +216,7 @@ def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
         notes.append(f"{reused} finished runs of earlier sweeps were reused by this sweep "
                      f"(resume by config hash) and are included")
     label = sweep_id or (parent.info.run_id if parent is not None else "sweep")
-    return Selection(tracking_uri, eid, exp.name, label, mode, parent, jobs, notes)
+    return Selection(tracking_uri, eid, exp.name, label, mode, parent, jobs, notes, client)
 
 
 def _ts(ms: Optional[int]) -> pd.Timestamp:
@@ -253,7 +256,7 @@ def runs_frame(runs: list) -> pd.DataFrame:
 
 def find_dense_runs(selection: Selection, models: list[str]) -> list:
     """FINISHED job runs of the experiment for these models (candidates for a missing dense reference)."""
-    client = client_for(selection.tracking_uri)
+    client = selection.client or client_for(selection.tracking_uri)
     out = []
     for m in models:
         q = _quote(m)
@@ -270,6 +273,6 @@ def attach(selection: Selection, files: list[Path], artifact_path: str) -> None:
     """Log the report files on the parent run under ``artifact_path``."""
     if selection.parent is None:
         return
-    client = client_for(selection.tracking_uri)
+    client = selection.client or client_for(selection.tracking_uri)
     for f in files:
         client.log_artifact(selection.parent.info.run_id, str(f), artifact_path)

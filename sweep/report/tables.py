@@ -169,8 +169,8 @@ def dedupe(df: pd.DataFrame, by_device: bool = False) -> pd.DataFrame:
 
 @dataclass
 class DenseRef:
-    model: str
-    group: str                       # the setting (or timing setting) label
+    """The dense (target 0) values of one (model, setting) key of ``dense_refs``."""
+
     values: dict[str, float]         # metric name -> value (mean over the dense runs)
     x: float                         # measured sparsity (%) of the dense model
     run_ids: list[str] = field(default_factory=list)
@@ -189,11 +189,12 @@ def dense_refs(df: pd.DataFrame, group: str = "setting",
     with its most recent run.
     """
     out: dict[tuple[str, str], DenseRef] = {}
-    ok = df[df["outcome"] == "ok"]
+    ok = ok_runs(df)
     wanted = set(zip(ok["model"], ok[group]))
 
     def build(frame: pd.DataFrame, outside: bool) -> None:
-        d = frame[(frame["outcome"] == "ok") & frame["is_dense"]]
+        d = ok_runs(frame)
+        d = d[d["is_dense"]]
         for (model, g), runs in d.groupby(["model", group], sort=False):
             if (model, g) in out or (outside and (model, g) not in wanted):
                 continue
@@ -203,8 +204,7 @@ def dense_refs(df: pd.DataFrame, group: str = "setting",
                 runs = runs.sort_values("start_time", ascending=False).head(1)
             values = {c[len("metrics."):]: float(runs[c].mean()) for c in runs.columns
                       if c.startswith("metrics.") and runs[c].notna().any()}
-            out[(model, g)] = DenseRef(model, g, values, float(runs["x"].mean()),
-                                       list(runs["run_id"]), outside)
+            out[(model, g)] = DenseRef(values, float(runs["x"].mean()), list(runs["run_id"]), outside)
 
     build(df, False)
     if extra is not None and len(extra):
