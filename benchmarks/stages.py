@@ -28,10 +28,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from sweep.app import JobContext, run_job  # noqa: E402
-from sweep.config import register_configs  # noqa: E402
-from sweep.model import fuse  # noqa: E402
-from sweep.session import SessionCache  # noqa: E402
+from sweep.job import JobContext, run_job  # noqa: E402
+from sweep.config.schema import register_configs  # noqa: E402
+from sweep.model.yolo import fuse  # noqa: E402
+from sweep.memo import SessionCache  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

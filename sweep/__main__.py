@@ -7,9 +7,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sweep.app import task
-from sweep.config import register_configs
-from sweep.session import SessionCache
+from sweep.job import task
+from sweep.config.schema import register_configs
+from sweep.memo import SessionCache
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -209,32 +209,28 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, *, pr
 # ---------------------------------------------------------------------------------------
 
 
-def _verify_checkpoint(path: Path) -> None:
-    from sweep.checkpoint import load_checkpoint
-
-    load_checkpoint(path)
-
-
 def ensure_weights(name: str, cache: str | os.PathLike, url: str | None = None, *,
-                   progress: bool = True, timeout: float = 60.0) -> Path:
+                   progress: bool = True, timeout: float = 60.0,
+                   verify: Callable[[Path], Any] | None = None) -> Path:
     """``<cache>/weights/<name>.pt``, downloaded (default: the official v7.0 release) when missing.
 
-    A downloaded file must load with ``load_checkpoint`` before it is put in place. An
-    existing file is returned as is.
+    A downloaded file must pass ``verify(path)`` (the caller passes the checkpoint loader) before
+    it is put in place. An existing file is returned as is.
     """
     dest = weights_path(cache, name)
     if dest.is_file():
         return dest
     url = url or weights_url(name)
     try:
-        return download(url, dest, progress=progress, timeout=timeout, verify=_verify_checkpoint)
+        return download(url, dest, progress=progress, timeout=timeout, verify=verify)
     except AssetError as e:
         raise AssetError(f"{e}. Without network access, download {url} elsewhere and put it at "
                          f"{dest}, or point model.weights at a local .pt file") from e
 
 
 def resolve_weights(name: str, cache: str | os.PathLike, weights: str | os.PathLike | None = None,
-                    url: str | None = None, *, progress: bool = True) -> Path:
+                    url: str | None = None, *, progress: bool = True,
+                    verify: Callable[[Path], Any] | None = None) -> Path:
     """The checkpoint to load: ``weights`` when given (must exist), else ``ensure_weights(name)``."""
     if weights is not None and str(weights).strip():
         path = Path(str(weights)).expanduser()
@@ -242,7 +238,7 @@ def resolve_weights(name: str, cache: str | os.PathLike, weights: str | os.PathL
             raise AssetError(f"model.weights={str(weights)!r}: no such file; allowed is the path of a YOLOv5 .pt "
                              "checkpoint")
         return path.resolve()
-    return ensure_weights(name, cache, url, progress=progress)
+    return ensure_weights(name, cache, url, progress=progress, verify=verify)
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def val128_dir(assets: Path) -> Path:
 @pytest.fixture(scope="session")
 def v5n(yolov5n_path):
     """The pristine pretrained yolov5n (unfused, FP32, eval); tests prune deep copies of it."""
-    from sweep.checkpoint import load_checkpoint
+    from sweep.model.checkpoint import load_checkpoint
 
     return load_checkpoint(yolov5n_path).model
 
@@ -52,6 +52,6 @@ def v5n(yolov5n_path):
 def v5n_fused(v5n):
     import copy
 
-    from sweep.model import fuse
+    from sweep.model.yolo import fuse
 
     return fuse(copy.deepcopy(v5n))

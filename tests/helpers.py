@@ -19,7 +19,7 @@ FAST = ("eval.progress=false", "eval.latency=false")
 
 def make_cfg(outputs: Path, *overrides: str) -> DictConfig:
     """The real config composed with ``overrides`` and outputs redirected to ``outputs``."""
-    from sweep.config import register_configs
+    from sweep.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

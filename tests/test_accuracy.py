@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from helpers import make_cfg
 
-from sweep.app import JobContext, run_job
-from sweep.session import SessionCache
+from sweep.job import JobContext, run_job
+from sweep.memo import SessionCache
 
 pytestmark = pytest.mark.slow
 

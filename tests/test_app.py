@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from helpers import make_cfg, runs
 
-from sweep.app import JobContext, check_choices, run_job, run_name, semantic_config
-from sweep.config import ConfigError, normalize_sparsity, validate
-from sweep.session import SessionCache
+from sweep.job import JobContext, check_choices, run_job, run_name, semantic_config
+from sweep.config.schema import ConfigError, normalize_sparsity, validate
+from sweep.memo import SessionCache
 
 
 # -- config checks (no assets needed) -----------------------------------------------------------
@@ -69,7 +69,7 @@ def test_run_name_and_hash_semantics(tmp_path):
 
 # -- real assets --------------------------------------------------------------------------------
 def test_missing_weights_and_dataset_fail_before_any_run(tmp_path, assets):
-    from sweep.data import DataError
+    from sweep.data.dataset import DataError
 
     cfg = make_cfg(tmp_path, "model=custom", f"model.weights={tmp_path / 'nope.pt'}", "data=coco-val128")
     with pytest.raises(Exception, match="nope.pt"):
@@ -201,7 +201,7 @@ def test_a_single_run_closes_runs_left_running_by_dead_processes_of_this_host(tm
     import subprocess
     import sys
 
-    from sweep.tracking import Tracker
+    from sweep.track.tracker import Tracker
 
     cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "data.limit=4", "eval.imgsz=320", "sparsity=0.3")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -17,7 +17,7 @@ import pytest
 from sweep import assets
 from sweep.assets import (AssetError, cache_root, download, ensure_dataset, ensure_weights, extract_zip,
                           weights_path, weights_url)
-from sweep.checkpoint import load_checkpoint
+from sweep.model.checkpoint import load_checkpoint
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -217,7 +217,7 @@ def test_concurrent_downloads_of_one_file(server, tmp_path):
 def test_ensure_weights_downloads_and_verifies(server, tmp_path, yolov5n_path):
     (server.root / "yolov5n.pt").write_bytes(yolov5n_path.read_bytes())
     cache = tmp_path / "cache"
-    path = ensure_weights("yolov5n", cache, url=f"{server.url}/yolov5n.pt", progress=False)
+    path = ensure_weights("yolov5n", cache, url=f"{server.url}/yolov5n.pt", progress=False, verify=load_checkpoint)
     assert path == cache / "weights" / "yolov5n.pt"
     assert load_checkpoint(path).sha256 == load_checkpoint(yolov5n_path).sha256
     assert leftovers(cache) == []
@@ -230,7 +230,7 @@ def test_ensure_weights_rejects_a_file_that_does_not_load(server, tmp_path):
     (server.root / "yolov5n.pt").write_bytes(b"<html>rate limited</html>")
     cache = tmp_path / "cache"
     with pytest.raises(AssetError, match="not usable") as err:
-        ensure_weights("yolov5n", cache, url=f"{server.url}/yolov5n.pt", progress=False)
+        ensure_weights("yolov5n", cache, url=f"{server.url}/yolov5n.pt", progress=False, verify=load_checkpoint)
     assert "cannot load" in str(err.value)
     assert not weights_path(cache, "yolov5n").exists() and leftovers(cache) == []
 

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
-from sweep import checkpoint as ck
-from sweep import model as M
-from sweep.checkpoint import (CheckpointError, allowed_globals, load_checkpoint, save_checkpoint,
+from sweep.model import checkpoint as ck
+from sweep.model import yolo as M
+from sweep.model.checkpoint import (CheckpointError, allowed_globals, load_checkpoint, save_checkpoint,
                               scan_globals)
-from sweep.model import build_model, count_params, fuse, is_fused, load_model_yaml
+from sweep.model.yolo import build_model, count_params, fuse, is_fused, load_model_yaml
 
 YOLOV5N_SHA256 = "4f180cf23ba0717ada0badd6c685026d73d48f184d00fc159c2641284b2ac0a3"
 
@@ -128,7 +128,7 @@ def official_style(model: M.DetectionModel, classes: dict[str, type], legacy_anc
     """A copy of ``model`` as the YOLOv5 repo would pickle it (its classes, FP16, yaml/names/stride attrs)."""
 
     def convert(module: nn.Module) -> nn.Module:
-        cls = classes.get(type(module).__name__) if type(module).__module__ == "sweep.model" else None
+        cls = classes.get(type(module).__name__) if type(module).__module__ == "sweep.model.yolo" else None
         new = cls.__new__(cls) if cls is not None else copy.copy(module)
         new.__dict__ = dict(module.__dict__)
         new._modules = {k: convert(v) for k, v in module._modules.items()}
@@ -474,7 +474,7 @@ def test_malformed_files_in_our_format(tmp_path):
 
 def test_session_cache_passes_its_digest_to_the_loader(yolov5n_path):
     from sweep.assets import file_sha256
-    from sweep.session import SessionCache
+    from sweep.memo import SessionCache
 
     cache = SessionCache()
     ckpt = cache.checkpoint(yolov5n_path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sweep.coco_eval import STAT_NAMES, CocoEvaluator
-from sweep.data import Dataset, coco_ground_truth
+from sweep.evaluate.coco import STAT_NAMES, CocoEvaluator
+from sweep.data.dataset import Dataset, coco_ground_truth
 
 
 @pytest.fixture(scope="module")

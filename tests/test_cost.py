@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import zstandard
 
-from sweep.cost import (
+from sweep.prune.accounting import (
     LAYER_COLUMNS,
     MB,
     accounting,
@@ -170,7 +170,7 @@ def test_real_gflops_scale_with_image_area(v5n_fused):
 def test_real_accounting_after_l1_pruning(v5n_fused, dense_fused):
     import copy
 
-    from sweep.prune import PRUNERS, select_convs
+    from sweep.prune.methods import PRUNERS, select_convs
 
     dense, _ = dense_fused
     model = PRUNERS["l1_unstructured"](copy.deepcopy(v5n_fused), 0.3, {})

@@ -1,4 +1,4 @@
-"""Datasets, rect batches, letterbox geometry and COCO ground truth (sweep.data).
+"""Datasets, rect batches, letterbox geometry and COCO ground truth (sweep.data.dataset).
 
 Synthetic files are written by the tests; the real coco-val128 assets pin the counts and batch
 shapes that val.py's algorithm gives for them.
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sweep.data import (COCO80_TO_91, Batch, DataError, Dataset, DataWarning, coco_ground_truth,
+from sweep.data.dataset import (COCO80_TO_91, Batch, DataError, Dataset, DataWarning, coco_ground_truth,
                         image_id_from_path, iter_images, label_path, letterbox, list_image_files,
                         load_data_yaml, load_image, preprocess_into, read_labels, rect_batch_shapes,
                         rect_order)

@@ -1,4 +1,4 @@
-"""The inference loop's helpers (sweep.evaluate)."""
+"""The inference loop's helpers (sweep.evaluate.loop)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from sweep.evaluate import gc_paused, nms_threads
+from sweep.evaluate.loop import gc_paused, nms_threads
 
 
 def test_gc_paused_disables_the_collector_and_restores_its_state_also_on_error():

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sweep.hostmem import keep_freed_memory
+from sweep.process import keep_freed_memory
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
                                 reason="mallopt is glibc's (Linux) only")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0
 # Runs in its own process: the allocator settings are process-wide.
 PROBE = r"""
 import json, resource, torch
-from sweep.hostmem import keep_freed_memory
+from sweep.process import keep_freed_memory
 
 torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 16, 3, padding=1))

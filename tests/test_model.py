@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from sweep.checkpoint import load_checkpoint
-from sweep.model import (MODULES, Conv, Detect, ModelError, build_model, count_params, fuse,
+from sweep.model.checkpoint import load_checkpoint
+from sweep.model.yolo import (MODULES, Conv, Detect, ModelError, build_model, count_params, fuse,
                          is_fused, load_model_yaml, make_divisible)
 
 # Parameter counts for nc=80: unfused (as built/trained) and after fuse() (what YOLOv5's

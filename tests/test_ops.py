@@ -1,4 +1,4 @@
-"""NMS, box mapping and COCO result rows (sweep.ops) against hand-made cases and a brute-force
+"""NMS, box mapping and COCO result rows (sweep.evaluate.ops) against hand-made cases and a brute-force
 reference."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from sweep.ops import coco_rows, letterbox_boxes, non_max_suppression, scale_boxes
+from sweep.evaluate.ops import coco_rows, letterbox_boxes, non_max_suppression, scale_boxes
 
 
 def _row(cx, cy, w, h, obj, *cls):
@@ -200,7 +200,7 @@ def test_coco_rows_top_left_is_computed_like_val_py():
 def test_nms_of_images_in_parallel_threads_equals_the_batch_function():
     from concurrent.futures import ThreadPoolExecutor
 
-    from sweep.ops import nms_image
+    from sweep.evaluate.ops import nms_image
 
     g = torch.Generator().manual_seed(0)
     n, nc = 3000, 80
@@ -216,7 +216,7 @@ def test_nms_of_images_in_parallel_threads_equals_the_batch_function():
 
 
 def test_nms_image_rejects_a_batch():
-    from sweep.ops import nms_image
+    from sweep.evaluate.ops import nms_image
 
     with pytest.raises(ValueError, match=r"\[N, 5 \+ nc\]"):
         nms_image(torch.zeros(2, 10, 85))

@@ -8,8 +8,8 @@ import stat
 
 import torch
 
-from sweep.data import Dataset
-from sweep.preprocessed import PreprocessedCache, writable
+from sweep.data.dataset import Dataset
+from sweep.data.preprocessed import PreprocessedCache, writable
 
 
 def _dataset(val128_dir, limit=6, **kw):

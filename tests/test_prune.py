@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from sweep.config import ConfigError, PruneConfig
-from sweep.cost import gflops, param_counts
-from sweep.prune import (
+from sweep.config.schema import ConfigError, PruneConfig
+from sweep.prune.accounting import gflops, param_counts
+from sweep.prune.methods import (
     PRUNERS,
     apply_pruning,
     detect_head_convs,
@@ -507,8 +507,8 @@ def test_real_ln_structured_zeroes_whole_filters(v5n_fused):
 
 @pytest.mark.parametrize("method", ["l1_unstructured", "global_l1"])
 def test_real_fused_and_unfused_both_reach_target(v5n, method):
-    from sweep.cost import accounting
-    from sweep.model import fuse
+    from sweep.prune.accounting import accounting
+    from sweep.model.yolo import fuse
 
     results = {}
     for fused in (True, False):
@@ -541,7 +541,7 @@ def test_real_include_exclude(v5n_fused):
 
 
 def test_real_pristine_model_never_mutated(v5n):
-    from sweep.model import fuse
+    from sweep.model.yolo import fuse
 
     snap = snapshot(v5n)
     modules = dict(v5n.named_modules())
@@ -563,13 +563,13 @@ def _image(val128_dir, size: int = 640) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def v5n_channel03(v5n):
     """yolov5n channel-pruned at ratio 0.3, fuse -> prune (the default order)."""
-    from sweep.model import fuse
+    from sweep.model.yolo import fuse
 
     return prune_model(copy.deepcopy(v5n), 0.3, cfg(method="channel"), fuse)
 
 
 def test_real_channel_reduces_cost_keeps_shapes(v5n_fused, v5n_channel03):
-    from sweep.cost import gflops, param_counts
+    from sweep.prune.accounting import gflops, param_counts
 
     model = v5n_channel03
     x = torch.zeros(1, 3, 320, 416)
@@ -593,8 +593,8 @@ def test_real_channel_reduces_cost_keeps_shapes(v5n_fused, v5n_channel03):
 
 
 def test_real_channel_same_counts_fused_or_unfused(v5n, v5n_channel03):
-    from sweep.cost import param_counts
-    from sweep.model import fuse
+    from sweep.prune.accounting import param_counts
+    from sweep.model.yolo import fuse
 
     model = prune_model(copy.deepcopy(v5n), 0.3, cfg(method="channel", fused=False), fuse)
     assert param_counts(model)[0] == param_counts(v5n_channel03)[0]  # counts depend on the ratio only
@@ -608,7 +608,7 @@ def test_real_channel_outputs_non_degenerate(v5n, val128_dir):
     Measured on 000000000139.jpg (640x640 resize): max objectness 0.881 dense, 0.161 after
     channel pruning at 0.2 (fuse->prune), 0.036 at 0.1: no box above 0.25 without recovery.
     """
-    from sweep.model import fuse
+    from sweep.model.yolo import fuse
 
     x = _image(val128_dir)
     model = prune_model(copy.deepcopy(v5n), 0.2, cfg(method="channel"), fuse)
@@ -650,7 +650,7 @@ def test_real_channel_detects_after_bn_recalibration(v5n, val128_dir, assets):
     """
     import cv2
 
-    from sweep.model import fuse
+    from sweep.model.yolo import fuse
 
     files = sorted((assets / "datasets" / "coco128-calib" / "images" / "train2017").glob("*.jpg"))[:32]
     calib = torch.cat([

@@ -1,4 +1,4 @@
-"""Accuracy recovery (sweep.recover): BatchNorm recalibration and its calibration data.
+"""Accuracy recovery (sweep.recover.methods): BatchNorm recalibration and its calibration data.
 
 A freshly built yolov5n (random weights, bundled yaml) covers the recalibration mechanics fast;
 synthetic image folders cover the calibration source rules; the real coco128-calib and
@@ -17,10 +17,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sweep.config import Config, ConfigError, PruneConfig
-from sweep.model import build_model, fuse, load_model_yaml
-from sweep.prune import PRUNERS
-from sweep.recover import (
+from sweep.config.schema import Config, ConfigError, PruneConfig
+from sweep.model.yolo import build_model, fuse, load_model_yaml
+from sweep.prune.methods import PRUNERS
+from sweep.recover.methods import (
     RECOVERERS,
     Calibration,
     batchnorm_layers,
@@ -252,7 +252,7 @@ def real_cfg(assets: Path, **over):
 
 @pytest.mark.assets
 def test_real_default_calibration_is_coco128_calib_disjoint_from_val(assets, calib_dir, val128_dir):
-    from sweep.data import list_image_files
+    from sweep.data.dataset import list_image_files
 
     cfg = real_cfg(assets, **{"eval.imgsz": 320})
     val = eval_data([Path(f) for f in list_image_files(val128_dir / "images" / "val2017")])
@@ -267,8 +267,8 @@ def test_real_default_calibration_is_coco128_calib_disjoint_from_val(assets, cal
 @pytest.mark.assets
 @pytest.mark.slow
 def test_real_yolov5n_bn_recalibration_keeps_zeros(assets, yolov5n_path, val128_dir):
-    checkpoint = pytest.importorskip("sweep.checkpoint")
-    from sweep.data import list_image_files
+    checkpoint = pytest.importorskip("sweep.model.checkpoint")
+    from sweep.data.dataset import list_image_files
 
     model = checkpoint.load_checkpoint(yolov5n_path).model.float().eval()
     PRUNERS["l1_unstructured"](model, 0.5, PruneConfig(fused=False))

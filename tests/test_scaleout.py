@@ -26,14 +26,14 @@ TINY = ("model=yolov5n", "data=coco-val128", "data.limit=4", "eval.imgsz=320", "
     (4, [0, 1, 2, 3, 0, 1]),
 ])
 def test_gpu_for_job_spreads_jobs_round_robin_over_visible_gpus(device_count, expected):
-    from sweep.evaluate import gpu_for_job
+    from sweep.evaluate.loop import gpu_for_job
 
     assert [gpu_for_job(j, device_count) for j in range(6)] == expected
 
 
 @pytest.mark.parametrize("job_num,device_count", [(0, 0), (3, -1), (-1, 2)])
 def test_gpu_for_job_rejects_impossible_inputs(job_num, device_count):
-    from sweep.evaluate import gpu_for_job
+    from sweep.evaluate.loop import gpu_for_job
 
     with pytest.raises(ValueError):
         gpu_for_job(job_num, device_count)
@@ -42,7 +42,7 @@ def test_gpu_for_job_rejects_impossible_inputs(job_num, device_count):
 def test_auto_device_on_a_cpu_only_machine_ignores_the_job_number():
     import torch
 
-    from sweep.evaluate import resolve_device
+    from sweep.evaluate.loop import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the CPU fallback is not what runs here")
@@ -52,7 +52,7 @@ def test_auto_device_on_a_cpu_only_machine_ignores_the_job_number():
 def _hydra_cfg(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from sweep.config import register_configs
+    from sweep.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -292,7 +292,7 @@ def test_a_killed_worker_aborts_the_sweep_with_a_summary_and_no_run_left_running
     import os
     import signal
 
-    from sweep.callbacks import LOST
+    from sweep.track.callbacks import LOST
 
     out = tmp_path / "outputs"
     args = ("-m", "model=yolov5n", "data=coco-val128", "data.limit=32", "report=false", "sparsity=0,0.3",

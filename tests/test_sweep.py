@@ -90,7 +90,7 @@ def test_bad_input_gives_one_clear_message_and_no_run(tmp_path, assets, args, ne
 def test_read_outcomes_reports_a_job_that_started_without_an_outcome_as_lost(tmp_path):
     import json
 
-    from sweep.callbacks import LOST, read_outcomes, summary_table
+    from sweep.track.callbacks import LOST, read_outcomes, summary_table
 
     sweep = tmp_path / "sweep"
     cfg = make_cfg(tmp_path, "model=yolov5n", "sparsity=0.3")

@@ -1,4 +1,4 @@
-"""Closing runs orphaned by dead processes (sweep.tracking), against a real SQLite MLflow store."""
+"""Closing runs orphaned by dead processes (sweep.track.tracker), against a real SQLite MLflow store."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import platform
 import subprocess
 import sys
 
-from sweep.tracking import Tracker, process_alive
+from sweep.track.tracker import Tracker, process_alive
 
 
 def _dead_pid() -> int:
@@ -52,7 +52,7 @@ def test_close_orphans_fails_only_runs_of_dead_processes_of_this_host(tmp_path):
 def test_processes_creating_one_new_sqlite_store_at_once_all_succeed(tmp_path):
     # MLflow creates and migrates the schema on first use; unserialised, concurrent first uses
     # fail with "duplicate column name" (seen with 3 processes before the lock existed)
-    code = ("import sys; from sweep.tracking import Tracker; "
+    code = ("import sys; from sweep.track.tracker import Tracker; "
             "t = Tracker(sys.argv[1], 'exp'); print(t.start_run('r', {}))")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

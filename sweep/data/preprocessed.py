@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from sweep.data import Batch
+from sweep.data.dataset import Batch
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ class DataConfig:
 
 @dataclass
 class PruneConfig:
-    """How to prune. ``method`` is a key of ``sweep.prune.PRUNERS``."""
+    """How to prune. ``method`` is a key of ``sweep.prune.methods.PRUNERS``."""
 
     method: str = "l1_unstructured"
     fused: bool = True
@@ -73,7 +73,7 @@ class PruneConfig:
 
 @dataclass
 class RecoverConfig:
-    """Accuracy recovery after pruning. ``method`` is a key of ``sweep.recover.RECOVERERS``."""
+    """Accuracy recovery after pruning. ``method`` is a key of ``sweep.recover.methods.RECOVERERS``."""
 
     method: str = "none"
     data: Optional[str] = None

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def _tracker(config: DictConfig) -> Any:
-    from sweep.tracking import Tracker
+    from sweep.track.tracker import Tracker
 
     return Tracker.from_config(config)
 
@@ -43,7 +43,7 @@ def _job_name(job_dir: Path) -> str:
     """The run name of a job from the config Hydra saved in its folder."""
     from omegaconf import OmegaConf
 
-    from sweep.app import run_name
+    from sweep.job import run_name
 
     try:
         return run_name(OmegaConf.load(job_dir / ".hydra" / "config.yaml"))
@@ -108,8 +108,8 @@ class SweepCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         if not config.mlflow.enabled:
             return
-        from sweep.app import environment_tags
-        from sweep.tracking import TrackingError
+        from sweep.job import environment_tags
+        from sweep.track.tracker import TrackingError
 
         sweep_id = Path(str(config.hydra.sweep.dir)).name
         try:
@@ -127,7 +127,7 @@ class SweepCallback(Callback):
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         except Exception as exc:  # noqa: BLE001 - Hydra would only warn and run the sweep untracked
-            from sweep.tracking import resolve_store
+            from sweep.track.tracker import resolve_store
 
             print(f"error: the MLflow store {resolve_store(config)[0]} failed at sweep start "
                   f"({type(exc).__name__}: {exc}); no job was run", file=sys.stderr)

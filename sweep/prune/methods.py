@@ -8,7 +8,7 @@ Every entry of :data:`PRUNERS` is ``fn(model, sparsity, cfg) -> model``:
 - ``sparsity`` is a number in [0, 1); 0 is a no-op for every method (the model is
   returned untouched, not even re-parametrised).
 - ``cfg`` is any attribute object (the ``prune`` node of the Hydra config, a
-  :class:`sweep.config.PruneConfig`, a ``SimpleNamespace``, a dict or ``None``); the keys
+  :class:`sweep.config.schema.PruneConfig`, a ``SimpleNamespace``, a dict or ``None``); the keys
   read are ``include``, ``exclude`` (glob patterns over module names, see
   :func:`select_convs`), ``seed`` (``random``) and ``round_to`` (``channel``).
 
@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
-from sweep.config import ConfigError, normalize_sparsity
+from sweep.config.schema import ConfigError, normalize_sparsity
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sweep.config import ConfigError, validate
-from sweep.session import SessionCache
-from sweep.timing import Stopwatch
+from sweep.config.schema import ConfigError, validate
+from sweep.memo import SessionCache
+from sweep.evaluate.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ def run_name(cfg: DictConfig) -> str:
 
 def check_choices(cfg: DictConfig) -> None:
     """Registry names and combinations, checked before any work."""
-    from sweep.coco_eval import EVALUATORS
-    from sweep.prune import PRUNERS
-    from sweep.recover import RECOVERERS
+    from sweep.evaluate.coco import EVALUATORS
+    from sweep.prune.methods import PRUNERS
+    from sweep.recover.methods import RECOVERERS
 
     for key, value, registry in (("prune.method", cfg.prune.method, PRUNERS),
                                  ("recover.method", cfg.recover.method, RECOVERERS),
@@ -131,9 +131,9 @@ def run_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache | None = None)
     """Run one job. Input errors (ConfigError, AssetError, DataError, ...) are raised before any MLflow
     run is created; an error during the job ends its run FAILED and is re-raised."""
     from sweep import assets
-    from sweep.evaluate import resolve_device
-    from sweep.hostmem import keep_freed_memory
-    from sweep.tracking import Tracker, config_hash, resolved_params
+    from sweep.evaluate.loop import resolve_device
+    from sweep.process import keep_freed_memory
+    from sweep.track.tracker import Tracker, config_hash, resolved_params
 
     cache = cache if cache is not None else SessionCache()
     cfg = copy.deepcopy(cfg)
@@ -221,13 +221,13 @@ def _device_name(device: torch.device) -> str:
 def _evaluate_job(cfg: DictConfig, ctx: JobContext, cache: SessionCache, weights: Path, data_spec: Any,
                   calibration: Any, device: torch.device, half: bool, config_hash: str) -> tuple[dict[str, Any], list[Path]]:
     """The measured part of a job. Returns (metrics, artifact files)."""
-    from sweep.checkpoint import save_checkpoint
-    from sweep.coco_eval import CocoEvaluator
-    from sweep.cost import accounting
-    from sweep.evaluate import gc_paused, measure_latency, run_inference
-    from sweep.model import fuse
-    from sweep.prune import PRUNERS, select_convs
-    from sweep.recover import RECOVERERS
+    from sweep.model.checkpoint import save_checkpoint
+    from sweep.evaluate.coco import CocoEvaluator
+    from sweep.prune.accounting import accounting
+    from sweep.evaluate.loop import gc_paused, measure_latency, run_inference
+    from sweep.model.yolo import fuse
+    from sweep.prune.methods import PRUNERS, select_convs
+    from sweep.recover.methods import RECOVERERS
 
     sw = Stopwatch(device)
     with sw.stage("load_model"):
@@ -384,7 +384,7 @@ def _mark_parent_killed(cfg: DictConfig, sweep_id: str | None) -> None:
     if not (sweep_id and cfg.mlflow.enabled):
         return
     try:
-        from sweep.tracking import Tracker
+        from sweep.track.tracker import Tracker
 
         tracker = Tracker.from_config(cfg, retries=0)
         parent = tracker.parent_run(sweep_id)
@@ -404,8 +404,8 @@ def _safe_name(cfg: DictConfig) -> str:
 def _is_user_error(exc: BaseException) -> bool:
     """Errors whose message already says what is wrong with the user's input."""
     from sweep.assets import AssetError
-    from sweep.checkpoint import CheckpointError
-    from sweep.data import DataError
-    from sweep.tracking import TrackingError
+    from sweep.model.checkpoint import CheckpointError
+    from sweep.data.dataset import DataError
+    from sweep.track.tracker import TrackingError
 
     return isinstance(exc, (AssetError, CheckpointError, DataError, TrackingError))

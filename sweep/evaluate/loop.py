@@ -19,8 +19,8 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
-from sweep.ops import coco_rows, nms_image, scale_boxes
-from sweep.timing import sync
+from sweep.evaluate.ops import coco_rows, nms_image, scale_boxes
+from sweep.evaluate.timing import sync
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def resolve_device(device: str, half: bool | None, job_num: int = 0) -> tuple[to
     else:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            from sweep.config import ConfigError
+            from sweep.config.schema import ConfigError
             raise ConfigError(f"eval.device={device!r} is invalid: no CUDA device is available here; "
                               "allowed are auto or cpu")
     if half is None:

@@ -74,7 +74,7 @@ def nms_image(x: torch.Tensor, conf_thres: float = 0.001, iou_thres: float = 0.6
 def scale_boxes(boxes: torch.Tensor, ratio_pad: RatioPad, shape0: Sequence[int]) -> torch.Tensor:
     """Letterboxed xyxy boxes ``[n, >=4]`` -> original-image xyxy, IN PLACE (returns ``boxes``).
 
-    ``ratio_pad = ((gain_h, gain_w), (padw, padh))`` as :class:`sweep.data.Batch` gives it,
+    ``ratio_pad = ((gain_h, gain_w), (padw, padh))`` as :class:`sweep.data.dataset.Batch` gives it,
     ``shape0 = (h0, w0)``. As val.py: subtract ``padw`` from x and ``padh`` from y, divide by
     ``gain_h`` for both axes (val.py uses the first gain only), clip x to ``[0, w0]`` and y to
     ``[0, h0]``. Only columns 0-3 are touched; pass ``dets.clone()`` to keep the input.

@@ -468,7 +468,7 @@ def build_model(yaml: Mapping[str, Any], nc: int | None = None) -> DetectionMode
 
 def model_yaml_path(name: str) -> Path:
     """Path of a bundled model yaml ('yolov5s' -> .../sweep/cfg/yolov5s.yaml)."""
-    return Path(str(resources.files("sweep") / "cfg" / f"{name}.yaml"))
+    return Path(str(resources.files("sweep.model") / "cfg" / f"{name}.yaml"))
 
 
 def load_model_yaml(name_or_path: str | Path) -> dict[str, Any]:

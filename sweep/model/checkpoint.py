@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from sweep.assets import file_sha256
-from sweep.model import Conv, DetectionModel, ModelError, build_model
+from sweep.model.yolo import Conv, DetectionModel, ModelError, build_model
 
 FORMAT = "yolov5-sparsity-checkpoint"
 FORMAT_VERSION = 1

@@ -1,7 +1,7 @@
 """Accuracy recovery after pruning, without labels: registry ``RECOVERERS``.
 
 A job calls ``RECOVERERS[cfg.recover.method](model, cfg, calibration)`` on the pruned,
-still UNFUSED model (before ``sweep.model.fuse``) and merges the returned dict into its
+still UNFUSED model (before ``sweep.model.yolo.fuse``) and merges the returned dict into its
 metrics. Every recoverer has the one signature ``fn(model, cfg, calibration) -> dict[str, float]``
 and changes ``model`` in place; a new method is one more function and one more registry entry.
 
@@ -15,7 +15,7 @@ and changes ``model`` in place; a new method is one more function and one more r
 Calibration data (:func:`calibration_source`): ``recover.data`` (an image folder, a ``.txt`` image
 list, or a YOLOv5 dataset yaml whose ``train`` split is used), else the job's dataset ``train``
 split. Images are taken in sorted path order, the first ``recover.images`` of them, decoded and
-letterboxed exactly as for evaluation (``sweep.data``), but to a square ``eval.imgsz`` canvas
+letterboxed exactly as for evaluation (``sweep.data.dataset``), but to a square ``eval.imgsz`` canvas
 (no rect batches: every batch has the same shape), ``recover.batch`` images per forward pass.
 Calibrating on the images being evaluated is refused unless ``recover.allow_eval_images=true``.
 
@@ -42,7 +42,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from sweep.assets import file_sha256
-from sweep.config import ConfigError
+from sweep.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Calibration:
     imgsz: int
     batch: int
     device: torch.device
-    dataset: Any = field(repr=False, default=None)  # sweep.data.Dataset (rect=False, labels=False)
+    dataset: Any = field(repr=False, default=None)  # sweep.data.dataset.Dataset (rect=False, labels=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -87,7 +87,7 @@ def _source(cfg: DictConfig) -> tuple[Any, str]:
     if r.get("data"):
         p = Path(str(r.data)).expanduser()
         if p.suffix.lower() in DATASET_CONFIG_SUFFIXES:
-            from sweep.data import DataError, load_data_yaml
+            from sweep.data.dataset import DataError, load_data_yaml
 
             try:
                 y = load_data_yaml(p)
@@ -100,7 +100,7 @@ def _source(cfg: DictConfig) -> tuple[Any, str]:
         return str(p), "recover.data"
     d = cfg.data
     if d.get("yaml"):
-        from sweep.data import load_data_yaml
+        from sweep.data.dataset import load_data_yaml
 
         train = load_data_yaml(Path(str(d.yaml)).expanduser()).get("train")
         if train:
@@ -170,7 +170,7 @@ def calibration_source(cfg: DictConfig, eval_files: Sequence[str], device: Any) 
     """
     if cfg.recover.method == "none":
         return None
-    from sweep.data import DataError, Dataset
+    from sweep.data.dataset import DataError, Dataset
 
     src, key = _source(cfg)
     r = cfg.recover

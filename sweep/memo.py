@@ -79,8 +79,10 @@ class SessionCache:
     def weights_path(self, model_cfg: DictConfig, cache_dir: Path) -> Path:
         """The checkpoint file for ``model_cfg`` (downloaded into the cache when missing)."""
         from sweep.assets import resolve_weights
+        from sweep.model.checkpoint import load_checkpoint
 
-        return resolve_weights(str(model_cfg.name), cache_dir, model_cfg.weights, model_cfg.url)
+        return resolve_weights(str(model_cfg.name), cache_dir, model_cfg.weights, model_cfg.url,
+                               verify=load_checkpoint)
 
     def sha256(self, path: Path) -> str:
         st = path.stat()
@@ -93,7 +95,7 @@ class SessionCache:
 
     def checkpoint(self, path: Path) -> Any:
         """The loaded checkpoint (pristine; callers deep-copy its model before changing it)."""
-        from sweep.checkpoint import load_checkpoint
+        from sweep.model.checkpoint import load_checkpoint
 
         key = (str(path), path.stat().st_mtime)
         if key not in self.checkpoints:
@@ -105,8 +107,8 @@ class SessionCache:
         """Cost figures of the dense fused model (the reference for params/GFLOPs ratios)."""
         import copy
 
-        from sweep.cost import accounting
-        from sweep.model import fuse
+        from sweep.prune.accounting import accounting
+        from sweep.model.yolo import fuse
 
         key = (self.sha256(path), imgsz)
         if key not in self.dense:
@@ -117,7 +119,7 @@ class SessionCache:
     def data_spec(self, data_cfg: DictConfig, cache_dir: Path) -> DataSpec:
         """Resolve ``cfg.data`` to paths on disk (downloading a configured dataset when missing)."""
         from sweep.assets import ensure_dataset
-        from sweep.data import DataError, load_data_yaml
+        from sweep.data.dataset import DataError, load_data_yaml
 
         if data_cfg.yaml:
             y = load_data_yaml(Path(str(data_cfg.yaml)).expanduser())
@@ -151,7 +153,7 @@ class SessionCache:
 
     def dataset(self, spec: DataSpec, cfg: DictConfig, stride: int, names: list[str]) -> EvalData:
         """The evaluation data for ``spec`` at the config's imgsz/batch and the model's stride."""
-        from sweep.data import Dataset, coco_ground_truth
+        from sweep.data.dataset import Dataset, coco_ground_truth
 
         imgsz, batch = int(cfg.eval.imgsz), int(cfg.eval.batch)
         key = (spec.name, str(spec.root), json.dumps(spec.val, default=str), spec.limit, imgsz, stride, batch)
@@ -182,7 +184,7 @@ class SessionCache:
 
     @staticmethod
     def _source(data: EvalData, preprocessed: str | None) -> Iterable[Any]:
-        from sweep.preprocessed import PreprocessedCache, writable
+        from sweep.data.preprocessed import PreprocessedCache, writable
 
         if preprocessed:
             root = Path(str(preprocessed)).expanduser()
@@ -205,8 +207,8 @@ class SessionCache:
     def calibration(self, cfg: DictConfig, spec: DataSpec, device: Any) -> Any:
         """Calibration images for ``cfg.recover`` (None for ``recover=none``), checked against the
         evaluation images; cached per (recover settings, imgsz, evaluation set)."""
-        from sweep.data import list_image_files
-        from sweep.recover import calibration_source
+        from sweep.data.dataset import list_image_files
+        from sweep.recover.methods import calibration_source
 
         if cfg.recover.method == "none":
             return None

@@ -1,0 +1,167 @@
+"""The names the job, tracking, the sweep callback and the report share — defined once, here.
+
+Pure Python (no torch, no MLflow): metric names, MLflow tag keys, the run-name format and its
+parser, the ``outcome.json`` record, and the default experiment and tracking store. A metric or
+tag that crosses a module boundary is spelled only in this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# ------------------------------------------------------------------------------- metrics
+
+COCO_METRICS = ("mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
+                "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+SPEED_METRICS = ("ms_preprocess", "ms_inference", "ms_nms")  # per image, as val.py prints them
+COUNT_METRICS = ("images", "instances")
+COST_METRICS = ("sparsity_target", "sparsity", "sparsity_global", "params", "params_nonzero",
+                "gflops", "size_mb", "size_mb_compressed")
+LATENCY_B1 = "latency_b1_ms"
+_LATENCY_BATCH = re.compile(r"^latency_b(?P<batch>\d+)_ms_per_image$")
+
+
+def latency_batch_metric(batch: int) -> str:
+    """The per-image latency metric at ``eval.batch`` images per forward pass, e.g. ``latency_b32_ms_per_image``."""
+    return f"latency_b{int(batch)}_ms_per_image"
+
+
+def latency_batch_of(metric: str) -> int | None:
+    """The batch size of a :func:`latency_batch_metric` name, else None."""
+    m = _LATENCY_BATCH.match(metric)
+    return int(m.group("batch")) if m else None
+
+
+def metric_order(names: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Report column order: COCO, speed, counts, cost, latency (batch 1, then every batch size present)."""
+    batches = sorted({b for n in names if (b := latency_batch_of(n)) is not None})
+    return (COCO_METRICS + SPEED_METRICS + COUNT_METRICS + COST_METRICS + (LATENCY_B1,)
+            + tuple(latency_batch_metric(b) for b in batches))
+
+
+# Keys of outcome.json's metrics (the end-of-sweep table).
+SUMMARY_METRICS = ("mAP50-95", "mAP50", "AR100", "sparsity", "ms_inference")
+
+# ------------------------------------------------------------------------------- tags
+
+TAG_SWEEP_ID = "sweep_id"
+TAG_ROLE = "sweep.role"
+ROLE_PARENT = "parent"
+ROLE_JOB = "job"
+TAG_CONFIG_HASH = "config_hash"
+TAG_OVERRIDES = "overrides"
+TAG_ERROR = "error"
+TAG_HOST = "host"
+TAG_PID = "pid"
+TAG_DEVICE_NAME = "device_name"
+TAG_OUTPUT_DIR = "output_dir"
+TAG_SWEEP_DIR = "sweep_dir"
+TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag
+_ALSO_IN_SWEEP = "also_in_sweep."
+
+
+def also_in_sweep_tag(sweep_id: str) -> str:
+    """Tag set on a run that a resumed sweep reused instead of re-running (so its report includes it)."""
+    return f"{_ALSO_IN_SWEEP}{sweep_id}"
+
+
+def is_also_in_sweep_tag(key: str) -> bool:
+    return key.startswith(_ALSO_IN_SWEEP)
+
+
+# ------------------------------------------------------------------------------- run names
+
+_RUN_NAME = re.compile(r"^(?P<model>.+?)-(?P<method>[^-]+)(?P<unfused>-unfused(?:-(?P<recover>[^-]+))?)?"
+                       r"-s(?P<sparsity>\d+(?:\.\d+)?)$")
+
+
+def run_name(model: str, method: str, fused: bool, recover: str, sparsity: float) -> str:
+    """``<model>-<method>[-unfused[-<recover>]]-s<sparsity>``, e.g. ``yolov5x-l1_unstructured-s0.30``.
+
+    A recovery always comes with ``-unfused`` (recovery needs the unfused model), which is what
+    makes the name parse back unambiguously.
+    """
+    name = f"{model}-{method}"
+    if not fused:
+        name += "-unfused"
+        if recover != "none":
+            name += f"-{recover}"
+    return f"{name}-s{float(sparsity):.2f}"
+
+
+@dataclass(frozen=True)
+class RunName:
+    model: str
+    method: str
+    fused: bool
+    recover: str
+    sparsity: float
+
+
+def parse_run_name(name: str) -> RunName | None:
+    """The fields of a :func:`run_name` (model names may contain dashes), or None when it is not one."""
+    m = _RUN_NAME.match(name or "")
+    if m is None:
+        return None
+    return RunName(m.group("model"), m.group("method"), m.group("unfused") is None,
+                   m.group("recover") or "none", float(m.group("sparsity")))
+
+
+# ------------------------------------------------------------------------------- outcome.json
+
+OUTCOME_FILE = "outcome.json"
+STATUSES = ("done", "skipped", "failed")
+
+
+@dataclass
+class Outcome:
+    """What one job of a sweep came to: written into its output folder, read by the sweep's summary."""
+
+    status: str                    # done | skipped | failed
+    name: str
+    run_id: str | None = None
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    job: str = ""                  # the job's folder name in the sweep dir (filled when read back)
+
+    def save(self, output_dir: Path) -> Path:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        data = asdict(self)
+        data.pop("job")
+        data["metrics"] = {k: v for k, v in self.metrics.items() if k in SUMMARY_METRICS}
+        path = output_dir / OUTCOME_FILE
+        path.write_text(json.dumps(data, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, output_dir: Path) -> "Outcome":
+        """Raises OSError / ValueError when the file is missing or not an outcome."""
+        d = json.loads((output_dir / OUTCOME_FILE).read_text())
+        if not isinstance(d, dict) or d.get("status") not in STATUSES or not isinstance(d.get("name"), str):
+            raise ValueError(f"{output_dir / OUTCOME_FILE} is not an outcome record")
+        return cls(d["status"], d["name"], d.get("run_id"), str(d.get("reason") or ""),
+                   dict(d.get("metrics") or {}), output_dir.name)
+
+
+# ------------------------------------------------------------------------------- tracking defaults
+
+DEFAULT_EXPERIMENT = "yolov5-sparsity"
+DEFAULT_OUTPUTS = "outputs"
+
+
+def default_store(outputs: str | os.PathLike = DEFAULT_OUTPUTS) -> tuple[str, str]:
+    """(tracking URI, artifact location) of the project's default store under ``outputs``:
+    ``sqlite:///<abs outputs>/mlflow.db`` with artifacts in ``<abs outputs>/mlartifacts`` (absolute:
+    MLflow's own defaults depend on the working directory)."""
+    root = Path(outputs).expanduser().resolve()
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
+
+
+def tracking_uri(configured: str | None = None, outputs: str | os.PathLike = DEFAULT_OUTPUTS) -> str:
+    """``configured`` > ``$MLFLOW_TRACKING_URI`` > :func:`default_store`'s URI."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store(outputs)[0]
