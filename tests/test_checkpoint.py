@@ -113,7 +113,7 @@ def fake_yolov5_package(monkeypatch) -> dict[str, type]:
     pkg, common, yolo = (types.ModuleType(n) for n in ("models", "models.common", "models.yolo"))
     pkg.common, pkg.yolo = common, yolo
     classes = {}
-    for name in ("Conv", "C3", "Bottleneck", "BottleneckCSP", "SPP", "SPPF", "Focus", "Concat"):
+    for name in ck._COMMON:
         classes[name] = type(name, (nn.Module,), {"__module__": "models.common", "__qualname__": name})
         setattr(common, name, classes[name])
     for name in ("Model", "Detect"):
@@ -128,7 +128,7 @@ def official_style(model: M.DetectionModel, classes: dict[str, type], legacy_anc
     """A copy of ``model`` as the YOLOv5 repo would pickle it (its classes, FP16, yaml/names/stride attrs)."""
 
     def convert(module: nn.Module) -> nn.Module:
-        cls = classes.get(type(module).__name__) if type(module).__module__ == "sweep.model.yolo" else None
+        cls = classes.get(type(module).__name__) if type(module).__module__.startswith("sweep.model.") else None
         new = cls.__new__(cls) if cls is not None else copy.copy(module)
         new.__dict__ = dict(module.__dict__)
         new._modules = {k: convert(v) for k, v in module._modules.items()}
@@ -330,11 +330,11 @@ def test_unsupported_module_in_yaml_is_a_clear_error(tmp_path, monkeypatch):
     with monkeypatch.context() as mp:
         classes = fake_yolov5_package(mp)
         pickled = official_style(model, classes)
-        pickled.yaml["backbone"][1] = [-1, 1, "GhostConv", [128, 3, 2]]
+        pickled.yaml["backbone"][1] = [-1, 1, "C2f", [128, 3, 2]]  # YOLOv8's block
         pickled.names = ["a", "b", "c"]
-        path = tmp_path / "ghost.pt"
+        path = tmp_path / "c2f.pt"
         torch.save({"model": pickled}, path)
-    with pytest.raises(CheckpointError, match="GhostConv"):
+    with pytest.raises(CheckpointError, match="C2f"):
         load_checkpoint(path)
 
 
@@ -474,11 +474,12 @@ def test_malformed_files_in_our_format(tmp_path):
 
 def test_session_cache_passes_its_digest_to_the_loader(yolov5n_path):
     from sweep.assets import file_sha256
-    from sweep.memo import SessionCache
+    from sweep.memo import ProcessMemo
 
-    cache = SessionCache()
-    ckpt = cache.checkpoint(yolov5n_path)
+    cache = ProcessMemo()
+    sha = cache.sha256(yolov5n_path)
+    ckpt = cache.checkpoint(yolov5n_path, sha)
     assert ckpt.sha256 == file_sha256(yolov5n_path)
     assert list(cache.hashes.values()) == [ckpt.sha256]  # the one digest serves the config hash and the loader
-    assert ckpt.sha256 is next(iter(cache.hashes.values()))  # the same object: the loader did not hash again
-    assert cache.checkpoint(yolov5n_path) is ckpt
+    assert ckpt.sha256 is sha  # the same object: the loader did not hash again
+    assert cache.checkpoint(yolov5n_path, sha) is ckpt

@@ -37,22 +37,34 @@ import torch
 from torch import nn
 
 from sweep.assets import file_sha256
-from sweep.model.yolo import Conv, DetectionModel, ModelError, build_model
+from sweep.model.yolo import MODULES, Conv, DetectionModel, ModelError, build_model, materialize
 
 FORMAT = "yolov5-sparsity-checkpoint"
 FORMAT_VERSION = 1
 
-# Official class names that may appear in a YOLOv5 checkpoint; each gets an inert stand-in.
+# Official class names that may appear in a YOLOv5 detection checkpoint; each gets an inert
+# stand-in. models/common.py of v5.0-v7.0 (some classes lived in models/experimental.py in
+# early releases), the detection model and head of models/yolo.py, utils/activations.py.
+_COMMON = ("Conv", "DWConv", "DWConvTranspose2d", "TransformerLayer", "TransformerBlock", "Bottleneck",
+           "BottleneckCSP", "CrossConv", "C3", "C3x", "C3TR", "C3SPP", "C3Ghost", "SPP", "SPPF", "Focus",
+           "GhostConv", "GhostBottleneck", "Contract", "Expand", "Concat", "MixConv2d")
 YOLOV5_CLASSES = (
     "models.yolo.Model", "models.yolo.DetectionModel", "models.yolo.BaseModel", "models.yolo.Detect",
-    "models.common.Conv", "models.common.DWConv", "models.common.Bottleneck", "models.common.BottleneckCSP",
-    "models.common.C3", "models.common.C3x", "models.common.C3SPP", "models.common.C3Ghost",
-    "models.common.SPP", "models.common.SPPF", "models.common.Focus", "models.common.Concat",
-    "models.common.GhostConv", "models.common.GhostBottleneck", "models.common.CrossConv",
-    "models.common.Contract", "models.common.Expand",
+    *(f"models.common.{c}" for c in _COMMON),
     "models.experimental.CrossConv", "models.experimental.MixConv2d", "models.experimental.Sum",
+    "models.experimental.GhostConv", "models.experimental.GhostBottleneck",
     "utils.activations.SiLU", "utils.activations.Hardswish",
 )
+# Classes of other YOLOv5 tasks: a checkpoint with one of them is named for what it is.
+OTHER_TASK_CLASSES = {
+    "models.yolo.SegmentationModel": "a YOLOv5 instance-segmentation checkpoint",
+    "models.yolo.Segment": "a YOLOv5 instance-segmentation checkpoint",
+    "models.common.Proto": "a YOLOv5 instance-segmentation checkpoint",
+    "models.yolo.ClassificationModel": "a YOLOv5 classification checkpoint",
+    "models.common.Classify": "a YOLOv5 classification checkpoint",
+}
+# Namespaces of the YOLOv5 repository: an unknown class there is a module this version lacks.
+YOLOV5_NAMESPACES = ("models.", "utils.")
 # Non-model values some checkpoints carry (training options, numpy fitness scores): read as
 # opaque placeholders, never constructed.
 OPAQUE_CLASSES = (
@@ -64,8 +76,10 @@ OPAQUE_CLASSES = (
 )
 # torch.nn classes found in YOLOv5 checkpoints: their unpickling only fills attributes.
 TORCH_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Sequential, nn.ModuleList, nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.Hardswish, nn.LeakyReLU,
-    nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Identity, nn.MaxPool2d, nn.Upsample,
+    nn.Sequential, nn.ModuleList, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.SiLU, nn.Hardswish,
+    nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Identity, nn.Mish, nn.GELU, nn.ELU, nn.Tanh,
+    nn.MaxPool2d, nn.Upsample, nn.ZeroPad2d, nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear,
+    nn.MultiheadAttention,
 )
 # Globals torch itself needs to rebuild tensors and plain containers.
 _TORCH_DATA_GLOBALS = (
@@ -197,12 +211,35 @@ def scan_globals(path: str | os.PathLike) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _supported_modules() -> str:
+    return ", ".join(MODULES)
+
+
+def unknown_global_message(path: Path, name: str) -> str:
+    """Why a global outside the allowlist is refused: another task, a YOLOv5 module this
+    version lacks, or a global that could run code."""
+    if name in OTHER_TASK_CLASSES:
+        return (f"cannot load {path}: it is {OTHER_TASK_CLASSES[name]} (it contains {name}); this tool "
+                "evaluates object-detection models (YOLOv5 Detect head) only")
+    if name.startswith("torchvision.models."):
+        return (f"cannot load {path}: it is a classification checkpoint (it contains {name}); this tool "
+                "evaluates YOLOv5 object-detection models only")
+    if name.startswith(YOLOV5_NAMESPACES):
+        return (f"refusing to load {path}: it references {name}, a YOLOv5 class this version does not "
+                f"know (not a module it can rebuild); supported YOLOv5 modules: {_supported_modules()}")
+    return (f"refusing to load {path}: it references the global {name}, which a YOLOv5 checkpoint never "
+            "needs; unpickling it could execute code, so the file is refused for safety")
+
+
 def _refuse_unknown_globals(path: Path) -> None:
     allowed = allowed_globals()
-    for name in scan_globals(path):
+    found = scan_globals(path)
+    for name in found:  # the task first: a segmentation file also has unknown heads
+        if name in OTHER_TASK_CLASSES or name.startswith("torchvision.models."):
+            raise CheckpointError(unknown_global_message(path, name))
+    for name in found:
         if name not in allowed:
-            raise CheckpointError(f"refusing to load {path}: it references the global {name}, "
-                                  "which a YOLOv5 checkpoint never needs")
+            raise CheckpointError(unknown_global_message(path, name))
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,8 +289,7 @@ def _refusal_message(path: Path, torch_message: str) -> str:
     """One line out of torch's multi-paragraph weights_only error."""
     match = re.search(r"GLOBAL (\S+)", torch_message)
     if match:
-        return (f"refusing to load {path}: it references the global {match.group(1)}, "
-                "which a YOLOv5 checkpoint never needs")
+        return unknown_global_message(path, match.group(1))
     lines = [ln.strip() for ln in torch_message.splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
     return f"refusing to load {path}: torch's restricted unpickler rejected it: {(useful or lines or ['?'])[0]}"
@@ -270,8 +306,11 @@ def _torch_load(path: Path) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(_refusal_message(path, str(e))) from e
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"cannot load {path}: the file is truncated or corrupt ({e})") from e
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed record fails anywhere in torch: one error kind
+        raise CheckpointError(f"cannot load {path}: the file is truncated or corrupt "
+                              f"({type(e).__name__}: {e})") from e
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,33 +381,72 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
                               f"yaml: {detail}") from e
 
 
-def _build(yaml: Any, path: Path) -> DetectionModel:
+def _build_meta(yaml: Any, path: Path) -> DetectionModel:
+    """The model its yaml describes, on the meta device: exact shapes, no tensor memory."""
     if not isinstance(yaml, Mapping):
         raise CheckpointError(f"cannot load {path}: the checkpoint has no model yaml dict")
     try:
-        return build_model(yaml)
-    except (ModelError, KeyError, TypeError, ValueError) as e:
+        return build_model(yaml, device="meta")
+    except ModelError as e:
         raise CheckpointError(f"cannot load {path}: cannot build its model from its yaml: {e}") from e
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError,
+            ZeroDivisionError, RecursionError) as e:
+        raise CheckpointError(f"cannot load {path}: cannot build its model from its yaml: "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def _compare_shapes(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse, naming the first disagreeing entry, unless the state_dict has exactly the
+    model's entries with the model's shapes (checked while the model is still on meta)."""
+    expected = model.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise CheckpointError(f"cannot load {path}: its weights do not fit the model its yaml describes: "
+                                  f"{key} {_shape(value)} is missing from the weights")
+        if _shape(state[key]) != _shape(value):
+            raise CheckpointError(f"cannot load {path}: its weights do not fit the model its yaml describes: "
+                                  f"{key} has shape {_shape(state[key])} in the weights, the yaml builds "
+                                  f"{_shape(value)}")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise CheckpointError(f"cannot load {path}: its weights do not fit the model its yaml describes: "
+                              f"{extra[0]} {_shape(state[extra[0]])} is not in that model"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def _realize(model: DetectionModel, state: Mapping[str, torch.Tensor], path: Path) -> DetectionModel:
+    """Shapes checked on meta, then real storage and a strict load."""
+    _compare_shapes(model, state, path)
+    materialize(model)
+    _load_strict(model, state, path)
+    return model
 
 
 def _check_stride(model: DetectionModel, stride: Any, path: Path) -> None:
     if stride is None:
         return
     try:
-        saved = torch.as_tensor(stride, dtype=torch.float32).flatten()
+        saved = torch.as_tensor(stride, dtype=torch.float32, device="cpu").flatten()
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load {path}: its stride {stride!r} is not a list of numbers") from e
-    if saved.shape != model.stride.shape or not torch.equal(saved, model.stride.float()):
+    built = torch.tensor(model.stride_values, dtype=torch.float32)
+    if saved.shape != built.shape or not torch.equal(saved, built):
         raise CheckpointError(f"cannot load {path}: it says stride {saved.tolist()}, the model built "
-                              f"from its yaml has {model.stride.tolist()}")
+                              f"from its yaml has {built.tolist()}")
 
 
 def _from_official(obj: Any, path: Path) -> tuple[DetectionModel, dict[str, Any]]:
     pickled = _official_model(obj, path)
-    model = _build(getattr(pickled, "yaml", None), path)
-    _load_strict(model, _state_dict_fp32(pickled, path), path)
+    state = _state_dict_fp32(pickled, path)
+    model = _build_meta(getattr(pickled, "yaml", None), path)
     _check_stride(model, getattr(pickled, "stride", None), path)
-    model.names = _checked_names(getattr(pickled, "names", None), model.yaml["nc"], path)
+    names = _checked_names(getattr(pickled, "names", None), model.yaml["nc"], path)
+    _realize(model, state, path)
+    model.names = names
     return model, {}
 
 
@@ -377,8 +455,11 @@ def _from_official(obj: Any, path: Path) -> tuple[DetectionModel, dict[str, Any]
 # ---------------------------------------------------------------------------------------
 
 
+_SPEC_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)
+
+
 def _layer_spec(module: nn.Module) -> dict[str, Any]:
-    """Plain-data description of a Conv2d / BatchNorm2d, with channel counts read from its tensors."""
+    """Plain-data description of a (transposed) Conv2d / BatchNorm2d, channel counts read from its tensors."""
     if isinstance(module, nn.Conv2d):
         return {"kind": "Conv2d", "in_channels": module.weight.shape[1] * module.groups,
                 "out_channels": module.weight.shape[0], "kernel_size": list(module.kernel_size),
@@ -386,6 +467,12 @@ def _layer_spec(module: nn.Module) -> dict[str, Any]:
                 "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
                 "dilation": list(module.dilation), "groups": module.groups,
                 "bias": module.bias is not None, "padding_mode": module.padding_mode}
+    if isinstance(module, nn.ConvTranspose2d):  # weight is [in, out / groups, kh, kw]
+        return {"kind": "ConvTranspose2d", "in_channels": module.weight.shape[0],
+                "out_channels": module.weight.shape[1] * module.groups, "kernel_size": list(module.kernel_size),
+                "stride": list(module.stride), "padding": list(module.padding),
+                "output_padding": list(module.output_padding), "dilation": list(module.dilation),
+                "groups": module.groups, "bias": module.bias is not None}
     return {"kind": "BatchNorm2d", "num_features": module.running_mean.shape[0] if
             module.running_mean is not None else module.weight.shape[0],
             "eps": module.eps, "momentum": module.momentum, "affine": module.affine,
@@ -394,12 +481,13 @@ def _layer_spec(module: nn.Module) -> dict[str, Any]:
 
 def _module_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     kw = {k: v for k, v in spec.items() if k != "kind"}
-    if spec.get("kind") == "Conv2d":
-        for key in ("kernel_size", "stride", "dilation"):
-            kw[key] = tuple(kw[key])
+    if spec.get("kind") in ("Conv2d", "ConvTranspose2d"):
+        for key in ("kernel_size", "stride", "dilation", "output_padding"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
         if not isinstance(kw["padding"], str):
             kw["padding"] = tuple(kw["padding"])
-        return nn.Conv2d(**kw)
+        return (nn.Conv2d if spec["kind"] == "Conv2d" else nn.ConvTranspose2d)(**kw)
     if spec.get("kind") == "BatchNorm2d":
         return nn.BatchNorm2d(**kw)
     raise ValueError(f"unknown layer kind {spec.get('kind')!r}")
@@ -451,8 +539,7 @@ def save_checkpoint(model: DetectionModel, path: str | os.PathLike,
         "format": FORMAT, "version": FORMAT_VERSION,
         "yaml": model.yaml, "names": [str(n) for n in model.names],
         "stride": [float(s) for s in model.stride.tolist()],
-        "layers": {name: _layer_spec(m) for name, m in model.named_modules()
-                   if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))},
+        "layers": {name: _layer_spec(m) for name, m in model.named_modules() if isinstance(m, _SPEC_TYPES)},
         "state_dict": _plain_state_dict(model), "meta": meta,
     }
     path = Path(path)
@@ -468,20 +555,39 @@ def save_checkpoint(model: DetectionModel, path: str | os.PathLike,
     return path
 
 
+# Layer attributes the model's forward reads (set by the yaml parser on each top-level layer).
+_LAYER_ATTRS = ("i", "f", "type", "np")
+
+
+def _replacement(old: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
+    """A module with the saved shape, keeping the old one's class (e.g. DWConvTranspose2d, whose
+    state is its base class's) and the parser's layer attributes."""
+    new = _module_from_spec(spec)
+    if type(old) is not type(new) and isinstance(old, type(new)):
+        new.__class__ = type(old)
+    for attr in _LAYER_ATTRS:
+        if attr in vars(old):
+            setattr(new, attr, getattr(old, attr))
+    return new
+
+
 def _apply_layer_specs(model: nn.Module, specs: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    """Give every Conv2d/BatchNorm2d the saved shape; drop the ``bn`` of Convs saved fused."""
-    present = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))}
+    """Give every (transposed) Conv2d/BatchNorm2d the saved shape (on the model's device, meta
+    while loading); drop the ``bn`` of Convs saved fused."""
+    present = {n for n, m in model.named_modules() if isinstance(m, _SPEC_TYPES)}
     unknown = sorted(set(specs) - present)
     if unknown:
         raise CheckpointError(f"cannot load {path}: saved layers {unknown[:5]} do not exist in the "
                               "model built from its yaml")
+    device = next(model.parameters()).device
     for name in sorted(present, key=lambda n: n.count("."), reverse=True):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         if name in specs:
             try:
-                setattr(parent, attr, _module_from_spec(specs[name]))
-            except (TypeError, ValueError, KeyError) as e:
+                with torch.device(device):
+                    setattr(parent, attr, _replacement(getattr(parent, attr), specs[name]))
+            except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as e:
                 raise CheckpointError(f"cannot load {path}: bad layer description for {name}: {e}") from e
         elif isinstance(parent, Conv) and attr == "bn":
             del parent.bn
@@ -493,14 +599,16 @@ def _from_ours(obj: Mapping[str, Any], path: Path) -> tuple[DetectionModel, dict
     if obj.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"cannot load {path}: format version {obj.get('version')!r} is not "
                               f"supported (this code reads version {FORMAT_VERSION})")
-    model = _build(obj.get("yaml"), path)
+    state = _fp32(obj.get("state_dict"), path)
+    model = _build_meta(obj.get("yaml"), path)
     layers = obj.get("layers") or {}
     if not isinstance(layers, Mapping) or not all(isinstance(v, Mapping) for v in layers.values()):
         raise CheckpointError(f"cannot load {path}: its 'layers' entry is not a mapping of layer descriptions")
     _apply_layer_specs(model, layers, path)
-    _load_strict(model, _fp32(obj.get("state_dict"), path), path)
     _check_stride(model, obj.get("stride"), path)
-    model.names = _checked_names(obj.get("names"), model.yaml["nc"], path)
+    names = _checked_names(obj.get("names"), model.yaml["nc"], path)
+    _realize(model, state, path)
+    model.names = names
     meta = obj.get("meta") or {}
     return model, dict(meta) if isinstance(meta, Mapping) else {}
 

@@ -1,15 +1,23 @@
-"""YOLOv5 P5 detection models, built from their own yaml description.
+"""YOLOv5 detection models (P3-P5, P6, P2/P7 heads, every model-zoo variant) built from their yaml.
 
 A model yaml (the dict an official checkpoint carries, or one of the files under
-``sweep/cfg/``) has ``nc``, ``depth_multiple``, ``width_multiple``, ``anchors`` and two
-lists of rows ``[from, number, module, args]`` (``backbone`` then ``head``). Each row
-becomes one layer of ``DetectionModel.model`` (an ``nn.Sequential``), so parameter names
-are the official ones (``model.0.conv.weight``, ``model.24.m.0.weight``,
-``model.24.anchors``) and an official state_dict loads with ``strict=True``.
+``sweep/model/cfg/``) has ``nc``, ``depth_multiple``, ``width_multiple``, ``anchors``,
+optionally ``activation`` and ``ch``, and two lists of rows ``[from, number, module, args]``
+(``backbone`` then ``head``). Each row becomes one layer of ``DetectionModel.model`` (an
+``nn.Sequential``), so parameter names are the official ones (``model.0.conv.weight``,
+``model.24.m.0.weight``, ``model.24.anchors``) and an official state_dict loads with
+``strict=True``.
 
-Module names in the rows are looked up in the explicit table ``MODULES``; string
-arguments are resolved explicitly (``nc``, ``anchors``, ``None``, ``True``, ``False``),
-never evaluated.
+Module names are looked up in the explicit table ``MODULES`` (the modules of YOLOv5's
+``models/common.py`` and ``models/experimental.py`` that its yaml parser accepts, plus the
+``nn.*`` layers it allows); row arguments are resolved from a fixed set of names (``nc``,
+``anchors``, ``None``, ``True``, ``False``) and the ``activation`` key from a small table of
+forms: nothing in a yaml is ever evaluated. Channel and repeat rules per module are
+YOLOv5's (see ``_layer_args``).
+
+``build_model(yaml, device="meta")`` builds the structure without allocating any tensor
+memory (PyTorch's meta device): the checkpoint loader compares every parameter shape with
+the file's before anything real exists, then ``materialize`` gives the model CPU storage.
 
 Tensor shape notation: B batch, C channels, H/W height/width, A anchors per level,
 N = sum over levels of A*H*W, K = 5 + nc.
@@ -17,6 +25,7 @@ N = sum over levels of A*H*W, K = 5 + nc.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -29,9 +38,25 @@ import yaml as pyyaml
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-BN_EPS = 1e-3
-BN_MOMENTUM = 0.03
+from sweep.model.blocks import (BN_EPS, BN_MOMENTUM, C3SPP, C3TR, SPP, SPPF, Bottleneck, BottleneckCSP, C3,
+                                C3Ghost, C3x, Concat, Contract, Conv, CrossConv, Detect, DWConv,
+                                DWConvTranspose2d, Expand, Focus, GhostBottleneck, GhostConv, MixConv2d,
+                                TransformerBlock, TransformerLayer, autopad, batchnorm, default_activation)
+
+__all__ = ["MODULES", "ACTIVATIONS", "DetectionModel", "ModelError", "build_model", "materialize", "fuse",
+           "fused_conv", "is_fused", "count_params", "load_model_yaml", "model_yaml_path", "make_divisible",
+           "BN_EPS", "BN_MOMENTUM", "autopad", "Bottleneck", "BottleneckCSP", "C3", "C3Ghost", "C3SPP", "C3TR",
+           "C3x", "Concat", "Contract", "Conv", "CrossConv", "Detect", "DWConv", "DWConvTranspose2d", "Expand",
+           "Focus", "GhostBottleneck", "GhostConv", "MixConv2d", "SPP", "SPPF", "TransformerBlock",
+           "TransformerLayer"]
+
 STRIDE_PROBE = 256  # side of the zero image used to measure the output strides
+# Sanity limits on yaml numbers that would make Python itself (not tensors) allocate without
+# bound: per-row repeats after depth scaling, layers, anchors per level, classes.
+MAX_REPEATS = 100
+MAX_LAYERS = 1000
+MAX_ANCHORS = 100
+MAX_CLASSES = 100_000
 
 
 class ModelError(ValueError):
@@ -43,233 +68,42 @@ def make_divisible(x: float, divisor: int = 8) -> int:
     return int(math.ceil(x / divisor) * divisor)
 
 
-def autopad(k: int | Sequence[int], p: int | Sequence[int] | None = None, d: int = 1):
-    """'Same' padding for kernel ``k`` (dilation ``d``) unless ``p`` is given."""
-    if p is not None:
-        return p
-    if d > 1:
-        k = d * (k - 1) + 1 if isinstance(k, int) else [d * (x - 1) + 1 for x in k]
-    return k // 2 if isinstance(k, int) else [x // 2 for x in k]
-
-
-# ---------------------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------------------
-
-
-class Conv(nn.Module):
-    """Conv2d (no bias) -> BatchNorm2d -> SiLU.  [B, c1, H, W] -> [B, c2, H/s, W/s].
-
-    After ``fuse()`` the ``bn`` attribute is gone and ``conv`` carries a bias.
-    """
-
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p: int | None = None,
-                 g: int = 1, d: int = 1, act: bool | nn.Module = True):
-        super().__init__()
-        self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, p, d), groups=g, dilation=d, bias=False)
-        self.bn = nn.BatchNorm2d(c2, eps=BN_EPS, momentum=BN_MOMENTUM)
-        if act is True:
-            self.act = nn.SiLU()
-        elif isinstance(act, nn.Module):
-            self.act = act
-        else:
-            self.act = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if "bn" in self._modules:
-            x = self.bn(x)
-        return self.act(x)
-
-
-class Bottleneck(nn.Module):
-    """1x1 Conv -> 3x3 Conv, plus the input when ``shortcut`` and c1 == c2.  [B, c1, H, W] -> [B, c2, H, W]."""
-
-    def __init__(self, c1: int, c2: int, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_, c2, 3, 1, g=g)
-        self.add = bool(shortcut and c1 == c2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.cv2(self.cv1(x))
-        return x + y if self.add else y
-
-
-class C3(nn.Module):
-    """CSP block with 3 convs: cv3(cat(m(cv1(x)), cv2(x))).  [B, c1, H, W] -> [B, c2, H, W]."""
-
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c1, c_, 1, 1)
-        self.cv3 = Conv(2 * c_, c2, 1)
-        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, e=1.0) for _ in range(n)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
-
-
-class BottleneckCSP(nn.Module):
-    """Original CSP bottleneck (YOLOv5 <= v3 heads).  [B, c1, H, W] -> [B, c2, H, W]."""
-
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = nn.Conv2d(c1, c_, 1, 1, bias=False)
-        self.cv3 = nn.Conv2d(c_, c_, 1, 1, bias=False)
-        self.cv4 = Conv(2 * c_, c2, 1, 1)
-        self.bn = nn.BatchNorm2d(2 * c_, eps=BN_EPS, momentum=BN_MOMENTUM)
-        self.act = nn.SiLU()
-        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, e=1.0) for _ in range(n)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y1 = self.cv3(self.m(self.cv1(x)))
-        y2 = self.cv2(x)
-        return self.cv4(self.act(self.bn(torch.cat((y1, y2), 1))))
-
-
-class SPP(nn.Module):
-    """Spatial pyramid pooling with parallel max-pools of sizes ``k`` (v5.0).  [B, c1, H, W] -> [B, c2, H, W]."""
-
-    def __init__(self, c1: int, c2: int, k: Sequence[int] = (5, 9, 13)):
-        super().__init__()
-        c_ = c1 // 2
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_ * (len(k) + 1), c2, 1, 1)
-        self.m = nn.ModuleList(nn.MaxPool2d(kernel_size=x, stride=1, padding=x // 2) for x in k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.cv1(x)
-        return self.cv2(torch.cat([x] + [pool(x) for pool in self.m], 1))
-
-
-class SPPF(nn.Module):
-    """Fast SPP: one max-pool of size ``k`` applied three times in series.  [B, c1, H, W] -> [B, c2, H, W]."""
-
-    def __init__(self, c1: int, c2: int, k: int = 5):
-        super().__init__()
-        c_ = c1 // 2
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_ * 4, c2, 1, 1)
-        self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.cv1(x)
-        y1 = self.m(x)
-        y2 = self.m(y1)
-        return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
-
-
-class Focus(nn.Module):
-    """Space-to-depth (2x2 pixel blocks to channels) then Conv (v5.0 stem).  [B, c1, H, W] -> [B, c2, H/2/s, W/2/s]."""
-
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p: int | None = None, g: int = 1,
-                 act: bool | nn.Module = True):
-        super().__init__()
-        self.conv = Conv(c1 * 4, c2, k, s, p, g, act=act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = (x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2])
-        return self.conv(torch.cat(parts, 1))
-
-
-class Concat(nn.Module):
-    """Concatenate a list of tensors along ``dimension`` (channels by default)."""
-
-    def __init__(self, dimension: int = 1):
-        super().__init__()
-        self.d = dimension
-
-    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(xs, self.d)
-
-
-class Detect(nn.Module):
-    """Anchor-based detection head: one 1x1 conv per level with A*(5+nc) outputs.
-
-    Buffers: ``anchors`` [L, A, 2] in units of the level's stride (as stored in official
-    checkpoints); ``stride`` [L] (not persistent, so not in the state_dict).
-
-    forward(list of L maps [B, C_l, H_l, W_l]):
-      train mode -> list of L raw maps [B, A, H_l, W_l, K] (logits);
-      eval mode  -> (pred [B, N, K], raw list) where pred rows are ordered level, anchor,
-                    y, x and hold xywh in input pixels, sigmoid objectness, sigmoid class
-                    probabilities.
-    """
-
-    def __init__(self, nc: int = 80, anchors: Sequence[Sequence[float]] = (), ch: Sequence[int] = ()):
-        super().__init__()
-        self.nc = nc
-        self.no = nc + 5
-        self.nl = len(anchors)
-        self.na = len(anchors[0]) // 2
-        self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32).view(self.nl, -1, 2))
-        self.register_buffer("stride", torch.zeros(self.nl), persistent=False)
-        self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
-
-    def forward(self, xs: list[torch.Tensor]):
-        raw = []
-        for i, conv in enumerate(self.m):
-            p = conv(xs[i])
-            bs, _, ny, nx = p.shape
-            raw.append(p.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous())
-        if self.training:
-            return raw
-        return torch.cat([self._decode(p, i) for i, p in enumerate(raw)], 1), raw
-
-    def _decode(self, p: torch.Tensor, i: int) -> torch.Tensor:
-        """Raw level-i map [B, A, H, W, K] -> boxes [B, A*H*W, K] (xywh pixels, probabilities)."""
-        bs, na, ny, nx, no = p.shape
-        y = p.sigmoid()
-        grid, anchor_grid = self._grids(i, ny, nx, p.dtype, p.device)
-        xy = (y[..., 0:2] * 2 + grid) * self.stride[i].to(p.dtype)
-        wh = (y[..., 2:4] * 2) ** 2 * anchor_grid
-        return torch.cat((xy, wh, y[..., 4:]), -1).view(bs, na * ny * nx, no)
-
-    def _grids(self, i: int, ny: int, nx: int, dtype: torch.dtype, device: torch.device):
-        """Cell offsets minus 0.5 [1, A, H, W, 2] (x, y) and anchor sizes in pixels [1, A, 1, 1, 2]."""
-        yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=dtype),
-                                torch.arange(nx, device=device, dtype=dtype), indexing="ij")
-        grid = torch.stack((xv, yv), 2).expand(1, self.na, ny, nx, 2) - 0.5
-        anchor_grid = (self.anchors[i] * self.stride[i]).to(dtype).view(1, self.na, 1, 1, 2)
-        return grid, anchor_grid
+def _batchnorm_layer(c1: int) -> nn.BatchNorm2d:
+    return batchnorm(c1)
 
 
 # Explicit yaml module name -> class table. Nothing outside this table can be built.
-MODULES: dict[str, type[nn.Module]] = {
-    "Conv": Conv,
-    "Bottleneck": Bottleneck,
-    "C3": C3,
-    "BottleneckCSP": BottleneckCSP,
-    "SPP": SPP,
-    "SPPF": SPPF,
-    "Focus": Focus,
-    "Concat": Concat,
-    "Detect": Detect,
-    "nn.Upsample": nn.Upsample,
-    "nn.Identity": nn.Identity,
+MODULES: dict[str, Callable[..., nn.Module]] = {
+    "Conv": Conv, "GhostConv": GhostConv, "DWConv": DWConv, "CrossConv": CrossConv, "MixConv2d": MixConv2d,
+    "Focus": Focus, "Bottleneck": Bottleneck, "GhostBottleneck": GhostBottleneck,
+    "BottleneckCSP": BottleneckCSP, "C3": C3, "C3x": C3x, "C3TR": C3TR, "C3SPP": C3SPP, "C3Ghost": C3Ghost,
+    "SPP": SPP, "SPPF": SPPF, "DWConvTranspose2d": DWConvTranspose2d, "nn.ConvTranspose2d": nn.ConvTranspose2d,
+    "nn.BatchNorm2d": _batchnorm_layer, "Concat": Concat, "Contract": Contract, "Expand": Expand,
+    "nn.Upsample": nn.Upsample, "nn.MaxPool2d": nn.MaxPool2d, "nn.ZeroPad2d": nn.ZeroPad2d,
+    "nn.Identity": nn.Identity, "Detect": Detect,
 }
+# Names YOLOv5 yamls may spell without the ``nn.`` prefix's module (``torch.nn.Upsample``).
+_ALIASES = {f"torch.{k}": k for k in MODULES if k.startswith("nn.")}
+# Heads of other tasks: named in the error so the user knows what the file is.
+OTHER_TASK_HEADS = {"Segment": "an instance-segmentation", "Proto": "an instance-segmentation",
+                    "Classify": "a classification"}
 
-# Modules whose first two constructor arguments are (c_in, c_out): args[0] in the yaml is c_out.
-_CHANNEL_MODULES = (Conv, Bottleneck, C3, BottleneckCSP, SPP, SPPF, Focus)
+# (c1 from the input, args[0] = c2 scaled by width): YOLOv5's parser's first module set.
+_CHANNEL_MODULES = frozenset({Conv, GhostConv, Bottleneck, GhostBottleneck, SPP, SPPF, DWConv, MixConv2d, Focus,
+                              CrossConv, BottleneckCSP, C3, C3TR, C3SPP, C3Ghost, nn.ConvTranspose2d,
+                              DWConvTranspose2d, C3x})
 # Modules that take the repeat count as their third argument instead of being repeated.
-_REPEAT_MODULES = (C3, BottleneckCSP)
+_REPEAT_MODULES = frozenset({BottleneckCSP, C3, C3TR, C3Ghost, C3x})
 
-# Activation names allowed in a yaml's optional ``activation`` key (e.g. "nn.LeakyReLU(0.1)").
-ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
-    "SiLU": nn.SiLU,
-    "ReLU": nn.ReLU,
-    "ReLU6": nn.ReLU6,
-    "LeakyReLU": nn.LeakyReLU,
-    "Hardswish": nn.Hardswish,
-    "Sigmoid": nn.Sigmoid,
-    "Identity": nn.Identity,
+# Activation forms allowed in a yaml's optional ``activation`` key (e.g. "nn.LeakyReLU(0.1)"):
+# name -> (class, whether it takes one numeric argument).
+ACTIVATIONS: dict[str, tuple[type[nn.Module], bool]] = {
+    "SiLU": (nn.SiLU, False), "ReLU": (nn.ReLU, False), "ReLU6": (nn.ReLU6, False),
+    "LeakyReLU": (nn.LeakyReLU, True), "Hardswish": (nn.Hardswish, False), "Sigmoid": (nn.Sigmoid, False),
+    "Identity": (nn.Identity, False), "Mish": (nn.Mish, False), "GELU": (nn.GELU, False),
+    "ELU": (nn.ELU, True), "Tanh": (nn.Tanh, False),
 }
-_ACT_RE = re.compile(r"^\s*(?:torch\.)?(?:nn\.)?(\w+)\(\s*([-+0-9.eE]*)\s*\)\s*$")
+_ACT_RE = re.compile(r"^\s*(?:torch\.)?nn\.(\w+)\(\s*([-+0-9.eE]*)\s*\)\s*$")
 _CONSTANTS: dict[str, Any] = {"None": None, "True": True, "False": False}
 
 
@@ -291,60 +125,112 @@ def _resolve_arg(arg: Any, yaml: Mapping[str, Any]) -> Any:
     return arg
 
 
-def _module_class(name: Any, row_index: int) -> type[nn.Module]:
+def _module_class(name: Any, row_index: int) -> Callable[..., nn.Module]:
+    name = _ALIASES.get(name, name) if isinstance(name, str) else name
+    if isinstance(name, str) and name in OTHER_TASK_HEADS:
+        raise ModelError(f"layer {row_index}: {name} is the head of {OTHER_TASK_HEADS[name]} model; this tool "
+                         "evaluates detection models (a Detect head)")
     if not isinstance(name, str) or name not in MODULES:
         raise ModelError(f"layer {row_index}: module {name!r} is not supported; known modules: "
-                         f"{', '.join(sorted(MODULES))}")
+                         f"{', '.join(MODULES)}")
     return MODULES[name]
 
 
 def _anchor_rows(anchors: Any, n_levels: int) -> list[list[float]]:
     """Anchors as L rows of 2*A pixel sizes; an int A means placeholders (values come from the state_dict)."""
-    if isinstance(anchors, int):
+    if isinstance(anchors, int) and not isinstance(anchors, bool):
+        if not 1 <= anchors <= MAX_ANCHORS:
+            raise ValueError(f"anchors={anchors}: allowed is 1..{MAX_ANCHORS} anchors per level")
         return [list(range(anchors * 2))] * n_levels
-    return [list(a) for a in anchors]
+    rows = [list(a) for a in anchors]
+    if len(rows) != n_levels or any(len(r) != len(rows[0]) or len(r) % 2 or not r for r in rows):
+        raise ValueError(f"anchors need {n_levels} rows (one per Detect input) of the same even length, "
+                         f"got {anchors!r}")
+    return rows
 
 
-def _layer_args(cls: type[nn.Module], args: list[Any], n: int, f: Any, ch: list[int],
-                width: float, nc: int) -> tuple[list[Any], int, int]:
-    """Constructor args, repeat count and output channels for one row (YOLOv5 rules)."""
+def _num_anchors(anchors: Any) -> int:
+    if isinstance(anchors, int) and not isinstance(anchors, bool):
+        return anchors
+    try:
+        return len(anchors[0]) // 2
+    except (TypeError, IndexError, KeyError):
+        return 0
+
+
+def _layer_args(cls: Callable[..., nn.Module], args: list[Any], n: int, f: Any, ch: list[int],
+                width: float, no: int) -> tuple[list[Any], int, int]:
+    """Constructor args, repeat count and output channels for one row (YOLOv5's parser rules)."""
     inputs = [f] if isinstance(f, int) else list(f)
+    c_in = ch[inputs[0]]
     if cls in _CHANNEL_MODULES:
-        c1, c2 = ch[inputs[0]], args[0]
-        if c2 != nc + 5:
+        c2 = args[0]
+        if c2 != no:  # a conv that emits the detection outputs keeps its size
             c2 = make_divisible(c2 * width, 8)
-        args = [c1, c2, *args[1:]]
+        args = [c_in, c2, *args[1:]]
         if cls in _REPEAT_MODULES:
             args.insert(2, n)
             n = 1
         return args, n, c2
+    if cls is _batchnorm_layer:
+        return [c_in], n, c_in
     if cls is Concat:
         return args, n, sum(ch[x] for x in inputs)
     if cls is Detect:
         args = [args[0], _anchor_rows(args[1], len(inputs)), [ch[x] for x in inputs]]
-        return args, n, ch[inputs[0]]
-    return args, n, ch[inputs[0]]
+        return args, n, c_in
+    if cls is Contract:
+        return args, n, c_in * args[0] ** 2
+    if cls is Expand:
+        return args, n, c_in // args[0] ** 2
+    return args, n, c_in
+
+
+def _check_from(f: Any, i: int) -> None:
+    """``from`` must name earlier layers (or the input for layer 0): anything else would index garbage."""
+    inputs = [f] if isinstance(f, int) and not isinstance(f, bool) else f
+    if not isinstance(inputs, (list, tuple)) or not inputs or \
+            not all(isinstance(x, int) and not isinstance(x, bool) for x in inputs):
+        raise ModelError(f"layer {i}: 'from' must be a layer index or a list of them, got {f!r}")
+    for x in inputs:
+        if x == -1 or (i > 0 and 0 <= x < i):
+            continue
+        if i > 0 and -i <= x < 0:  # other negative offsets count back from this layer
+            continue
+        raise ModelError(f"layer {i}: 'from' {x} does not name an earlier layer")
 
 
 def _parse_rows(yaml: Mapping[str, Any], in_channels: int) -> tuple[nn.Sequential, list[int]]:
     """Build the layer list and the sorted indices of layers whose output is reused."""
     depth, width = float(yaml["depth_multiple"]), float(yaml["width_multiple"])
+    if not (0 < depth and math.isfinite(depth) and 0 < width and math.isfinite(width)):
+        raise ModelError(f"depth_multiple={depth} / width_multiple={width}: allowed are finite numbers > 0")
     nc = int(yaml["nc"])
+    no = _num_anchors(yaml["anchors"]) * (nc + 5)
     rows = list(yaml["backbone"]) + list(yaml["head"])
+    if not rows or len(rows) > MAX_LAYERS:
+        raise ModelError(f"the model yaml has {len(rows)} rows: allowed is 1..{MAX_LAYERS}")
     layers, save, ch = [], set(), [in_channels]
     for i, row in enumerate(rows):
         if not isinstance(row, (list, tuple)) or len(row) != 4:
             raise ModelError(f"layer {i}: expected a row [from, number, module, args], got {row!r}")
         f, n, name, args = row
         cls = _module_class(name, i)
+        _check_from(f, i)
+        if not isinstance(args, (list, tuple)):
+            raise ModelError(f"layer {i}: args must be a list, got {args!r}")
         try:
             args = [_resolve_arg(a, yaml) for a in args]
             n = max(round(n * depth), 1) if n > 1 else n
-            args, n, c2 = _layer_args(cls, args, n, f, ch, width, nc)
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_REPEATS:
+                raise ValueError(f"number {n!r} after depth_multiple: allowed is 1..{MAX_REPEATS}")
+            args, n, c2 = _layer_args(cls, args, n, f, ch, width, no)
             layer = nn.Sequential(*(cls(*args) for _ in range(n))) if n > 1 else cls(*args)
             save.update(x % i for x in ([f] if isinstance(f, int) else f) if x != -1)
-        except (TypeError, IndexError, ValueError, KeyError, ZeroDivisionError) as e:
+        except (TypeError, IndexError, ValueError, KeyError, ZeroDivisionError, RuntimeError, OverflowError) as e:
             raise ModelError(f"layer {i}: cannot build {name} from row {list(row)!r}: {e!r}") from e
+        if not isinstance(c2, int) or c2 < 1:
+            raise ModelError(f"layer {i}: {name} would have {c2!r} output channels")
         layer.i, layer.f, layer.type = i, f, name
         layer.np = sum(p.numel() for p in layer.parameters())
         layers.append(layer)
@@ -354,15 +240,28 @@ def _parse_rows(yaml: Mapping[str, Any], in_channels: int) -> tuple[nn.Sequentia
     return nn.Sequential(*layers), sorted(save)
 
 
-def _activation(spec: Any) -> nn.Module | None:
-    """Module for a yaml ``activation`` string such as 'nn.LeakyReLU(0.1)' (None: keep SiLU)."""
+def activation_factory(spec: Any) -> Callable[[], nn.Module] | None:
+    """Factory for a yaml ``activation`` string such as 'nn.LeakyReLU(0.1)' (None: keep SiLU).
+
+    Only the forms ``nn.<Name>()`` / ``nn.<Name>(<number>)`` with a name from ``ACTIVATIONS``.
+    """
     if spec is None:
         return None
     match = _ACT_RE.match(str(spec))
     if not match or match.group(1) not in ACTIVATIONS:
-        raise ModelError(f"activation {spec!r} is not supported; known: {', '.join(sorted(ACTIVATIONS))}")
+        raise ModelError(f"activation {spec!r} is not supported; allowed: "
+                         + ", ".join(f"nn.{k}({'<number>' if a else ''})" for k, (_, a) in ACTIVATIONS.items()))
     name, arg = match.groups()
-    return ACTIVATIONS[name](float(arg)) if arg else ACTIVATIONS[name]()
+    cls, takes_arg = ACTIVATIONS[name]
+    if arg and not takes_arg:
+        raise ModelError(f"activation {spec!r}: nn.{name} takes no argument here")
+    if not arg:
+        return cls
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ModelError(f"activation {spec!r}: {arg!r} is not a number") from None
+    return lambda: cls(value)
 
 
 # ---------------------------------------------------------------------------------------
@@ -375,35 +274,41 @@ class DetectionModel(nn.Module):
 
     Attributes: ``model`` (nn.Sequential of layers, each with ``i``, ``f``, ``type``),
     ``yaml`` (dict), ``names`` (list[str]), ``save`` (indices of reused outputs),
-    ``stride`` (tensor [L], e.g. [8., 16., 32.]).
+    ``stride`` (tensor [L], e.g. [8., 16., 32.] or [8., 16., 32., 64.] for P6).
 
     forward(x [B, 3, H, W] float in [0, 1], H and W multiples of the max stride):
       eval  -> (pred [B, N, 5 + nc], raw list of [B, A, H_l, W_l, 5 + nc]);
       train -> raw list only.
+
+    ``device="meta"`` builds the structure without tensor memory (see :func:`materialize`).
     """
 
-    def __init__(self, yaml: Mapping[str, Any], nc: int | None = None):
+    def __init__(self, yaml: Mapping[str, Any], nc: int | None = None, device: str | torch.device | None = None):
         super().__init__()
         self.yaml = copy.deepcopy(dict(yaml))
         if nc is not None:
             self.yaml["nc"] = nc
-        if isinstance(self.yaml.get("nc"), bool) or not isinstance(self.yaml.get("nc"), int) \
-                or self.yaml["nc"] < 1:
-            raise ModelError(f"nc={self.yaml.get('nc')!r} is invalid: allowed is an integer >= 1")
+        n_cls = self.yaml.get("nc")
+        if isinstance(n_cls, bool) or not isinstance(n_cls, int) or not 1 <= n_cls <= MAX_CLASSES:
+            raise ModelError(f"nc={n_cls!r} is invalid: allowed is an integer in 1..{MAX_CLASSES}")
         for key in ("depth_multiple", "width_multiple", "anchors", "backbone", "head"):
             if key not in self.yaml:
                 raise ModelError(f"the model yaml has no {key!r}")
-        in_channels = int(self.yaml.get("ch", 3))
+        in_channels = self.yaml.get("ch", 3)
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or not 1 <= in_channels <= 64:
+            raise ModelError(f"ch={in_channels!r} is invalid: allowed is an integer in 1..64 (image channels)")
         self.yaml["ch"] = in_channels
-        self.model, self.save = _parse_rows(self.yaml, in_channels)
-        if not isinstance(self.model[-1], Detect):
-            raise ModelError("the last layer of a detection model must be Detect")
-        self.names = [str(i) for i in range(self.yaml["nc"])]
-        act = _activation(self.yaml.get("activation"))
-        if act is not None:
-            _replace_activations(self, act)
-        self._init_strides(in_channels)
-        self._init_detect_biases()
+        act = activation_factory(self.yaml.get("activation"))
+        meta = device is not None and torch.device(device).type == "meta"
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            with default_activation(act):
+                self.model, self.save = _parse_rows(self.yaml, in_channels)
+            if not isinstance(self.model[-1], Detect):
+                raise ModelError("the last layer of a detection model must be Detect")
+            self.names = [str(i) for i in range(self.yaml["nc"])]
+            self.stride_values = self._measure_strides(in_channels)
+            if not meta:
+                self._init_anchors_and_biases()
 
     @property
     def stride(self) -> torch.Tensor:
@@ -420,59 +325,66 @@ class DetectionModel(nn.Module):
         return x
 
     @torch.no_grad()
-    def _init_strides(self, in_channels: int) -> None:
-        """Measure strides with a zero image (eval mode: BN statistics untouched); anchors -> stride units."""
-        detect: Detect = self.model[-1]
+    def _measure_strides(self, in_channels: int) -> list[float]:
+        """Strides from the output sizes for a zero image (eval mode: BN statistics untouched).
+        Shapes only, so this also works on the meta device."""
         was_training = self.training
         self.eval()
         try:
             _, raw = self.forward(torch.zeros(1, in_channels, STRIDE_PROBE, STRIDE_PROBE))
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise ModelError(f"the layers described by the yaml do not fit together: {e}") from e
         finally:
             self.train(was_training)
-        detect.stride.copy_(torch.tensor([STRIDE_PROBE / r.shape[2] for r in raw]))
-        detect.anchors /= detect.stride.view(-1, 1, 1)
-        _check_anchor_order(detect)
+        return [STRIDE_PROBE / r.shape[2] for r in raw]
 
     @torch.no_grad()
-    def _init_detect_biases(self) -> None:
-        """Prior biases for a fresh model: ~8 objects per 640 image, uniform class prior."""
+    def _init_anchors_and_biases(self) -> None:
+        """Stride buffer, anchors in stride units (order checked in pixels), prior biases for a
+        fresh model: ~8 objects per 640 image, uniform class prior."""
         detect: Detect = self.model[-1]
-        for conv, s in zip(detect.m, detect.stride.tolist()):
+        detect.stride.copy_(torch.tensor(self.stride_values))
+        _check_anchor_order(detect)
+        detect.anchors /= detect.stride.view(-1, 1, 1)
+        for conv, s in zip(detect.m, self.stride_values):
             b = conv.bias.view(detect.na, -1)
             b[:, 4] += math.log(8 / (640 / s) ** 2)
-            b[:, 5:] += math.log(0.6 / (detect.nc - 0.99))
+            b[:, 5:] += math.log(0.6 / (detect.nc - 0.99999))
 
 
 def _check_anchor_order(detect: Detect) -> None:
-    """Flip the anchor levels when their area order disagrees with the stride order."""
+    """Flip the anchor levels when their mean area order disagrees with the stride order."""
     area = detect.anchors.prod(-1).mean(-1).view(-1)
     da, ds = area[-1] - area[0], detect.stride[-1] - detect.stride[0]
     if da and da.sign() != ds.sign():
         detect.anchors[:] = detect.anchors.flip(0)
 
 
-def _replace_activations(model: nn.Module, act: nn.Module) -> None:
-    """Use ``act`` (a copy per layer) instead of the default SiLU everywhere."""
-    for module in model.modules():
-        if isinstance(module, (Conv, BottleneckCSP)) and isinstance(module.act, nn.SiLU):
-            module.act = copy.deepcopy(act)
-
-
-def build_model(yaml: Mapping[str, Any], nc: int | None = None) -> DetectionModel:
+def build_model(yaml: Mapping[str, Any], nc: int | None = None, *,
+                device: str | torch.device | None = None) -> DetectionModel:
     """A freshly initialised ``DetectionModel`` (FP32, eval mode) from a model yaml dict.
 
-    ``nc`` overrides the yaml's number of classes.
+    ``nc`` overrides the yaml's number of classes. ``device="meta"``: structure only, no
+    tensor memory (parameter shapes are exact; call :func:`materialize` before use).
     """
-    return DetectionModel(yaml, nc=nc).eval()
+    return DetectionModel(yaml, nc=nc, device=device).eval()
+
+
+def materialize(model: DetectionModel, device: str | torch.device = "cpu") -> DetectionModel:
+    """Give a meta-device model real (uninitialised) storage on ``device``, in place, and set
+    its strides. Every persistent tensor must then be filled (a strict ``load_state_dict``)."""
+    model.to_empty(device=device)
+    model.model[-1].stride.copy_(torch.tensor(model.stride_values))
+    return model
 
 
 def model_yaml_path(name: str) -> Path:
-    """Path of a bundled model yaml ('yolov5s' -> .../sweep/cfg/yolov5s.yaml)."""
+    """Path of a bundled model yaml ('yolov5s' -> .../sweep/model/cfg/yolov5s.yaml)."""
     return Path(str(resources.files("sweep.model") / "cfg" / f"{name}.yaml"))
 
 
 def load_model_yaml(name_or_path: str | Path) -> dict[str, Any]:
-    """A model yaml dict: a bundled name ('yolov5n' ... 'yolov5x') or a path to a yaml file."""
+    """A model yaml dict: a bundled name ('yolov5n' ... 'yolov5x6') or a path to a yaml file."""
     path = Path(name_or_path)
     if not path.suffix:
         path = model_yaml_path(str(name_or_path))
