@@ -8,6 +8,7 @@ tests use the real coco128 labels when the assets are there.
 from __future__ import annotations
 
 import copy
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -169,3 +170,111 @@ def test_bad_arguments(pristine):
         finetune(copy.deepcopy(pristine), synthetic(), batch=2, epochs=0, progress=False)
     with pytest.raises(ValueError, match="lr00"):
         finetune(copy.deepcopy(pristine), synthetic(), batch=2, hyp={"lr00": 1}, progress=False)
+
+
+# --------------------------------------------------------------------------- the training loader
+
+from sweep.data.train import TrainLoader, box_candidates, xyxy_to_xywhn  # noqa: E402
+
+RED = (0, 0, 255)  # BGR
+BG = (40, 160, 40)
+
+
+def red_square_dataset(root, sizes=((200, 100), (120, 160), (160, 160), (90, 150))):
+    """PNG images (w x h) on a green background, each with one red rectangle and its YOLO label."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    boxes = []
+    for k, (w, h) in enumerate(sizes):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:] = BG
+        x1, y1, x2, y2 = w // 4, h // 3, w // 4 + w // 2, h // 3 + h // 2
+        img[y1:y2, x1:x2] = RED
+        import cv2
+
+        cv2.imwrite(str(root / "images" / f"{k:03d}.png"), img)
+        cx, cy, bw, bh = (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h
+        (root / "labels" / f"{k:03d}.txt").write_text(f"{k} {cx} {cy} {bw} {bh}\n")
+        boxes.append((k, cx, cy, bw, bh))
+    return root / "images", boxes
+
+
+def is_red(chw: torch.Tensor) -> torch.Tensor:
+    r, g, b = chw.int()  # RGB
+    return (r > 200) & (g < 60) & (b < 60)
+
+
+def test_augmented_boxes_follow_the_pixels(tmp_path):
+    src, _ = red_square_dataset(tmp_path)
+    loader = TrainLoader(src, imgsz=64, batch=4, hyp={"hsv_h": 0, "hsv_s": 0, "hsv_v": 0}, seed=3, workers=0)
+    n_boxes = 0
+    for epoch in range(6):
+        for images, targets in loader(epoch):
+            assert images.shape == (4, 3, 64, 64) and images.dtype == torch.uint8
+            assert targets.shape[1] == 6 and ((targets[:, 2:] >= 0) & (targets[:, 2:] <= 1)).all()
+            for i in range(4):
+                red = is_red(images[i])
+                covered = torch.zeros_like(red)
+                for _, c, cx, cy, w, h in targets[targets[:, 0] == i].tolist():
+                    x1, y1, x2, y2 = ((cx - w / 2) * 64, (cy - h / 2) * 64, (cx + w / 2) * 64, (cy + h / 2) * 64)
+                    inner = red[math.ceil(y1) + 1:math.floor(y2) - 1, math.ceil(x1) + 1:math.floor(x2) - 1]
+                    assert inner.numel() == 0 or inner.float().mean() > 0.97, "a box that is not on its object"
+                    covered[max(0, int(y1) - 1):int(y2) + 2, max(0, int(x1) - 1):int(x2) + 2] = True
+                    n_boxes += 1
+                if red.sum() > 20:  # red left outside every box: only slivers the candidate filter dropped
+                    assert (red & ~covered).sum() <= 0.2 * red.sum()
+    assert n_boxes > 20
+
+
+def test_loader_is_deterministic_per_seed_and_epoch_whatever_the_workers(tmp_path):
+    src, _ = red_square_dataset(tmp_path)
+    a = list(TrainLoader(src, imgsz=64, batch=3, seed=1, workers=0)(2))
+    b = list(TrainLoader(src, imgsz=64, batch=3, seed=1, workers=2)(2))
+    assert len(a) == 2 and [x[0].shape[0] for x in a] == [3, 1]
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    c = list(TrainLoader(src, imgsz=64, batch=3, seed=1, workers=0)(3))
+    assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_plain_mode_is_the_val_letterbox_with_its_boxes(tmp_path):
+    from sweep.data.dataset import preprocess_into
+
+    src, boxes = red_square_dataset(tmp_path)
+    loader = TrainLoader(src, imgsz=64, batch=4, augment=False, shuffle=False, workers=0)
+    (images, targets), = list(loader(0))
+    files = sorted(src.glob("*.png"))
+    for i, f in enumerate(files):
+        want, _, _ = preprocess_into(str(f), 64, (64, 64))
+        assert torch.equal(images[i], torch.from_numpy(want))
+    # image 0 is 200 x 100: resized to 64 x 32 and padded by 16 above and below
+    k, cx, cy, bw, bh = boxes[0]
+    row = targets[targets[:, 0] == 0][0].tolist()
+    assert row[1] == k
+    assert row[2:] == pytest.approx([cx, (cy * 32 + 16) / 64, bw, bh * 32 / 64], abs=1e-5)
+
+
+def test_real_coco128_batches(assets):
+    src = assets / "datasets" / "coco128" / "images" / "train2017"
+    if not src.is_dir():
+        pytest.skip("coco128 is not among the assets")
+    loader = TrainLoader(src, imgsz=320, batch=8, workers=2)
+    assert len(loader.files) == 128 and len(loader) == 16 and loader.instances > 900
+    images, targets = next(iter(loader(0)))
+    assert images.shape == (8, 3, 320, 320)
+    assert len(targets) > 8 and set(targets[:, 0].long().tolist()) <= set(range(8))
+    assert (targets[:, 1] == targets[:, 1].round()).all() and targets[:, 1].max() < 80
+    assert (targets[:, 4:] > 0).all()
+
+
+def test_box_helpers():
+    before = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]], float)
+    after = np.array([[0, 0, 10, 10], [0, 0, 10, 0.5], [0, 0, 3, 3]], float)
+    assert box_candidates(before, after).tolist() == [True, False, False]  # too thin; 9% of the area
+    np.testing.assert_allclose(xyxy_to_xywhn(np.array([[-5.0, 10, 20, 30]]), 40, 40),
+                               [[10 / 40, 0.5, 0.5, 0.5]])  # clipped to x 0..20
+
+
+def test_copy_paste_is_refused(tmp_path):
+    src, _ = red_square_dataset(tmp_path)
+    with pytest.raises(ValueError, match="copy_paste"):
+        TrainLoader(src, imgsz=64, hyp={"copy_paste": 0.5})
