@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import time
-import types
 import zipfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from sweep.model import yolo as M
 from sweep.model.checkpoint import (CheckpointError, allowed_globals, load_checkpoint, save_checkpoint,
                               scan_globals)
 from sweep.model.yolo import build_model, count_params, fuse, is_fused, load_model_yaml
+from yolov5_pickle import fake_yolov5_package, official_style
 
 YOLOV5N_SHA256 = "4f180cf23ba0717ada0badd6c685026d73d48f184d00fc159c2641284b2ac0a3"
 
@@ -105,50 +105,6 @@ def wait_for(path: Path, seconds: float) -> bool:
             return True
         time.sleep(0.05)
     return path.exists()
-
-
-def fake_yolov5_package(monkeypatch) -> dict[str, type]:
-    """Register importable classes named like the YOLOv5 repo's (models.yolo.Model, models.common.Conv...)
-    so torch.save writes the same globals an official checkpoint has."""
-    pkg, common, yolo = (types.ModuleType(n) for n in ("models", "models.common", "models.yolo"))
-    pkg.common, pkg.yolo = common, yolo
-    classes = {}
-    for name in ck._COMMON:
-        classes[name] = type(name, (nn.Module,), {"__module__": "models.common", "__qualname__": name})
-        setattr(common, name, classes[name])
-    for name in ("Model", "Detect"):
-        classes[name] = type(name, (nn.Module,), {"__module__": "models.yolo", "__qualname__": name})
-        setattr(yolo, name, classes[name])
-    for mod in (pkg, common, yolo):
-        monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    return classes
-
-
-def official_style(model: M.DetectionModel, classes: dict[str, type], legacy_anchor_grid: bool = False):
-    """A copy of ``model`` as the YOLOv5 repo would pickle it (its classes, FP16, yaml/names/stride attrs)."""
-
-    def convert(module: nn.Module) -> nn.Module:
-        cls = classes.get(type(module).__name__) if type(module).__module__.startswith("sweep.model.") else None
-        new = cls.__new__(cls) if cls is not None else copy.copy(module)
-        new.__dict__ = dict(module.__dict__)
-        new._modules = {k: convert(v) for k, v in module._modules.items()}
-        new._parameters = dict(module._parameters)
-        new._buffers = dict(module._buffers)
-        return new
-
-    seq = convert(copy.deepcopy(model.model))
-    detect = seq[-1]
-    detect._non_persistent_buffers_set = set()
-    del detect._buffers["stride"]
-    if legacy_anchor_grid:  # v5.0 registered this (pixels) as a persistent buffer
-        detect._buffers["anchor_grid"] = (model.model[-1].anchors * model.model[-1].stride.view(-1, 1, 1)
-                                          ).view(detect.nl, 1, -1, 1, 1, 2).clone()
-    top = classes["Model"]()
-    top.model = seq
-    top.yaml = copy.deepcopy(model.yaml)
-    top.stride = model.stride.clone()
-    top.save = list(model.save)
-    return top.half()
 
 
 # --------------------------------------------------------------------------- official checkpoint

@@ -31,7 +31,7 @@ import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 import yaml as pyyaml
