@@ -322,13 +322,19 @@ def _names_list(names: Any, nc: int) -> list[str]:
     """Class names as a list of nc strings (YOLOv5 stores a list, v7 may store {index: name})."""
     if names is None:
         return [str(i) for i in range(nc)]
-    if isinstance(names, Mapping):
-        names = [names[k] for k in sorted(names, key=int)]
-    return [str(n) for n in names]
+    try:
+        if isinstance(names, Mapping):
+            names = [names[k] for k in sorted(names, key=int)]
+        return [str(n) for n in names]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"its class names {str(names)[:80]!r} are not a list or an index -> name mapping") from e
 
 
 def _checked_names(names: Any, nc: int, path: Path) -> list[str]:
-    out = _names_list(names, nc)
+    try:
+        out = _names_list(names, nc)
+    except ValueError as e:
+        raise CheckpointError(f"cannot load {path}: {e}") from e
     if len(out) != nc:
         raise CheckpointError(f"cannot load {path}: it has {len(out)} class names for nc={nc} classes")
     return out
@@ -633,10 +639,15 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> Loade
         raise CheckpointError(f"cannot load {path}: the file is empty (an interrupted download?)")
     _refuse_unknown_globals(path)
     obj = _torch_load(path)
-    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        model, meta = _from_ours(obj, path)
-    else:
-        model, meta = _from_official(obj, path)
+    try:
+        if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+            model, meta = _from_ours(obj, path)
+        else:
+            model, meta = _from_official(obj, path)
+    except (CheckpointError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - any other surprise in a crafted file is still one error kind
+        raise CheckpointError(f"cannot load {path}: its content is malformed ({type(e).__name__}: {e})") from e
     model.float().eval()
     return LoadedCheckpoint(model=model, names=list(model.names), stride=model.stride.clone(),
                             yaml=model.yaml, sha256=sha256 or file_sha256(path), meta=meta)
