@@ -1,4 +1,4 @@
-"""Safe checkpoint loading and our save format (sweep/checkpoint.py). No mocks: real files."""
+"""Safe checkpoint loading and our save format (sweep/model/checkpoint.py). No mocks: real files."""
 
 from __future__ import annotations
 

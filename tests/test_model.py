@@ -1,4 +1,4 @@
-"""YOLOv5 model building, decoding and fusion (sweep/model.py)."""
+"""YOLOv5 model building, decoding and fusion (sweep/model/yolo.py, sweep/model/blocks.py)."""
 
 from __future__ import annotations
 
