@@ -291,3 +291,17 @@ def test_p6_model_evaluates_at_1280(tmp_path, monkeypatch, val128_dir):
     assert ckpt.stride.tolist() == [8.0, 16.0, 32.0, 64.0]
     stats = evaluate_val128(fuse(ckpt.model), ckpt.names, int(ckpt.stride.max()), val128_dir, imgsz=1280, limit=16)
     assert set(stats) >= {"mAP50-95", "mAP50", "AR100"} and all(0 <= v <= 1 for v in stats.values())
+
+
+@pytest.mark.parametrize("size", "nsmlx")
+def test_p6_hydra_options_name_release_and_native_size(size):
+    from omegaconf import OmegaConf
+
+    from sweep.config.schema import ModelConfig
+
+    option = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / f"yolov5{size}6.yaml")
+    assert option.name == f"yolov5{size}6" and option.imgsz == 1280
+    assert option.url == f"https://github.com/ultralytics/yolov5/releases/download/v7.0/yolov5{size}6.pt"
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), option)  # the schema takes every key
+    assert merged.imgsz == 1280
+    assert build_model(load_model_yaml(option.name), device="meta").stride_values == [8.0, 16.0, 32.0, 64.0]
