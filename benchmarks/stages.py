@@ -28,26 +28,25 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from sweep.config import register_configs  # noqa: E402
+from sweep.config.resolve import resolve_job  # noqa: E402
 from sweep.job import JobContext, run_job  # noqa: E402
-from sweep.config.schema import register_configs  # noqa: E402
-from sweep.model.yolo import fuse  # noqa: E402
-from sweep.memo import SessionCache  # noqa: E402
+from sweep.memo import ProcessMemo  # noqa: E402
+from sweep.model import fuse  # noqa: E402
+from sweep.process import setup_process  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @torch.inference_mode()
-def forward_floor(cache: SessionCache, cfg) -> float:
+def forward_floor(memo: ProcessMemo, cfg) -> float:
     """Seconds of pure model forward passes over the dataset's (already decoded) batches (best of 2)."""
-    from sweep import assets
-
-    weights = cache.weights_path(cfg.model, assets.cache_root(cfg.paths.cache))
-    ckpt = cache.checkpoint(weights)
+    spec = resolve_job(cfg, memo)
+    ckpt = memo.checkpoint(spec.model.weights, spec.model.sha256)
     model = fuse(copy.deepcopy(ckpt.model).float().eval())
-    data = cache.dataset(cache.data_spec(cfg.data, assets.cache_root(cfg.paths.cache)), cfg,
-                         stride=int(ckpt.stride.max()), names=ckpt.names)
-    batches = list(cache.batches(data))
+    data = memo.eval_data(spec.data, spec.eval, int(ckpt.stride.max()), ckpt.names, spec.model.weights)
+    batches = list(memo.batches(data, spec.eval.preprocessed))
     passes = []
     for _ in range(2):  # the CPU's speed drifts by 10-15% between passes: keep the faster one
         total = 0.0
@@ -69,9 +68,10 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     register_configs()
+    setup_process()  # as the entry point does: host-memory reuse, bounded MLflow HTTP retries
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     rows = []
-    cache = SessionCache()
+    memo = ProcessMemo()
     t_sweep = time.perf_counter()
     for i, s in enumerate(args.points.split(",")):
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -79,13 +79,13 @@ def main() -> None:
                                                f"paths.outputs={tmp}", "eval.progress=false", "eval.latency=false",
                                                *args.overrides])
         t0 = time.perf_counter()
-        out = run_job(cfg, JobContext(tmp / f"job{i}"), cache)
+        out = run_job(cfg, JobContext(tmp / f"job{i}"), memo)
         wall = time.perf_counter() - t0
         m = out.metrics
         rows.append({"sparsity": float(s), "wall_s": wall, **{k: v for k, v in m.items() if k.startswith("seconds_")},
                      "mAP50-95": m.get("mAP50-95")})
     sweep_s = time.perf_counter() - t_sweep
-    floor = forward_floor(cache, cfg)
+    floor = forward_floor(memo, cfg)
     print(f"start-up (interpreter + imports): {T_IMPORTED - T_START:.2f} s")
     print(f"forward-pass floor per point (pure model(x) over the decoded batches): {floor:.2f} s")
     keys = ["load_model", "data", "prune", "accounting", "preprocess", "forward", "nms", "postprocess", "coco_eval",

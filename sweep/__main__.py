@@ -7,20 +7,22 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from sweep.config import register_configs
 from sweep.job import task
-from sweep.config.schema import register_configs
-from sweep.memo import SessionCache
+from sweep.memo import ProcessMemo
+from sweep.process import setup_process
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def main() -> None:
     register_configs()
-    cache = SessionCache()  # lives for this process: checkpoints and decoded data reused across jobs
+    memo = ProcessMemo()  # lives for this process: checkpoints and decoded data reused across jobs
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _task(cfg: DictConfig) -> None:
-        task(cfg, cache)
+        setup_process(reuse_host_memory=bool(cfg.eval.reuse_host_memory))  # process-wide, idempotent
+        task(cfg, memo)
 
     _task()
 

@@ -165,3 +165,16 @@ def default_store(outputs: str | os.PathLike = DEFAULT_OUTPUTS) -> tuple[str, st
 def tracking_uri(configured: str | None = None, outputs: str | os.PathLike = DEFAULT_OUTPUTS) -> str:
     """``configured`` > ``$MLFLOW_TRACKING_URI`` > :func:`default_store`'s URI."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store(outputs)[0]
+
+
+# ------------------------------------------------------------------------------- secrets
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]*)@")
+_SECRET_QUERY = re.compile(r"(?P<key>[?&](?:token|access_token|password|secret|key|api_key|sig)=)[^&\s]*",
+                           re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` and secret query values masked."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)

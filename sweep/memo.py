@@ -1,21 +1,30 @@
-"""Per-process reuse across the jobs of a sweep.
+"""Per-process reuse across the jobs of a sweep: what a later job of the same process need not redo.
 
 With the default (sequential) launcher every job of a multirun runs in one process. The
-``SessionCache`` keeps what does not depend on the pruning: each checkpoint loaded once
-(every job gets a fresh deep copy), each weights file hashed once, and each dataset decoded
-and letterboxed once per (data, imgsz, stride, batch) setting, so the Nth job costs only
-prune + inference + NMS + COCO eval. Created by the entry point, passed explicitly.
+``ProcessMemo`` keeps what does not depend on the pruning: each weights file hashed once, each
+checkpoint loaded once (every job deep-copies its model), the dense model's cost figures, each
+dataset scanned once and its decoded batches (in memory when they fit ``MAX_CACHED_BYTES``,
+else streamed from the on-disk cache every pass, holding nothing), and the calibration images.
+It resolves nothing and checks nothing itself: ``sweep.config.resolve`` decides what to open.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+
+from sweep.assets import file_sha256
+from sweep.config.spec import DataSpec, EvalSpec, RecoverSpec
+from sweep.data import Batch, DataError, Dataset, PreprocessedCache, label_path, load_ground_truth
+from sweep.data.preprocessed import writable
+from sweep.model import LoadedCheckpoint, fuse, load_checkpoint
+from sweep.prune import accounting
+from sweep.recover import Calibration, calibration_images
 
 log = logging.getLogger(__name__)
 
@@ -24,199 +33,122 @@ MAX_CACHED_BYTES = 3 * 1024**3
 
 
 @dataclass
-class DataSpec:
-    """A dataset resolved from ``cfg.data``: where the images, labels and annotations are."""
-
-    name: str
-    root: Path
-    val: Any                                 # images dir, list file or list, relative to root
-    annotations: Path | None = None          # official COCO JSON (ground truth) when present
-    coco80_to_91: bool = False
-    names: list[str] | None = None
-    train: Any = None
-    limit: int | None = None
-
-    def source(self, split: str = "val") -> Any:
-        """The split's images (folder, list file or list) as absolute paths."""
-        spec = self.val if split == "val" else self.train
-        if isinstance(spec, (list, tuple)):
-            return [str(self.root / Path(str(s)).expanduser()) for s in spec]  # an absolute s stays absolute
-        return str(self.root / Path(str(spec)).expanduser())
-
-
-@dataclass
 class EvalData:
-    """A dataset ready for evaluation: batches source, ground truth and id mappings."""
+    """A dataset ready for evaluation: its images and labels, ground truth and category ids."""
 
-    dataset: Any
+    dataset: Dataset
     ground_truth: dict[str, Any]
-    eval_image_ids: list[Any]
     class_map: list[int]
     instances: int
-    batches: list[Any] | None = None
+    batches: list[Batch] | None = None   # decoded, once a full pass was kept in memory
+
+    @property
+    def files(self) -> list[str]:
+        return list(self.dataset.files)
+
+    @property
+    def image_ids(self) -> list[Any]:
+        return list(self.dataset.image_ids)
 
     @property
     def skipped(self) -> list[Any]:
-        return list(getattr(self.dataset, "skipped", []))
+        return list(self.dataset.skipped)
 
     def __len__(self) -> int:
-        return len(self.eval_image_ids)
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        return len(self.dataset)
 
 
 @dataclass
-class SessionCache:
-    checkpoints: dict[tuple[str, float], Any] = field(default_factory=dict)
-    hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
-    data: dict[tuple, EvalData] = field(default_factory=dict)
+class ProcessMemo:
+    hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    checkpoints: dict[str, LoadedCheckpoint] = field(default_factory=dict)
     dense: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
-    calib: dict[tuple, Any] = field(default_factory=dict)
+    data: dict[tuple, EvalData] = field(default_factory=dict)
+    calib: dict[tuple, Calibration] = field(default_factory=dict)
 
     # -- weights ------------------------------------------------------------------------------
-    def weights_path(self, model_cfg: DictConfig, cache_dir: Path) -> Path:
-        """The checkpoint file for ``model_cfg`` (downloaded into the cache when missing)."""
-        from sweep.assets import resolve_weights
-        from sweep.model.checkpoint import load_checkpoint
-
-        return resolve_weights(str(model_cfg.name), cache_dir, model_cfg.weights, model_cfg.url,
-                               verify=load_checkpoint)
-
     def sha256(self, path: Path) -> str:
         st = path.stat()
-        key = (str(path), st.st_mtime, st.st_size)
+        key = (str(path), st.st_mtime_ns, st.st_size)
         if key not in self.hashes:
-            from sweep.assets import file_sha256
-
             self.hashes[key] = file_sha256(path)
         return self.hashes[key]
 
-    def checkpoint(self, path: Path) -> Any:
-        """The loaded checkpoint (pristine; callers deep-copy its model before changing it)."""
-        from sweep.model.checkpoint import load_checkpoint
-
-        key = (str(path), path.stat().st_mtime)
-        if key not in self.checkpoints:
+    def checkpoint(self, path: Path, sha256: str) -> LoadedCheckpoint:
+        """The loaded checkpoint (pristine: callers deep-copy its model before changing it)."""
+        if sha256 not in self.checkpoints:
             self.checkpoints.clear()  # one model at a time: a grid sweeps sparsity within each model
-            self.checkpoints[key] = load_checkpoint(path, self.sha256(path))  # hashed once per file
-        return self.checkpoints[key]
+            self.checkpoints[sha256] = load_checkpoint(path, sha256)
+        return self.checkpoints[sha256]
 
-    def dense_accounting(self, path: Path, pristine: Any, imgsz: int) -> dict[str, Any]:
+    def dense_accounting(self, sha256: str, pristine: torch.nn.Module, imgsz: int) -> dict[str, Any]:
         """Cost figures of the dense fused model (the reference for params/GFLOPs ratios)."""
-        import copy
-
-        from sweep.prune.accounting import accounting
-        from sweep.model.yolo import fuse
-
-        key = (self.sha256(path), imgsz)
+        key = (sha256, imgsz)
         if key not in self.dense:
             self.dense[key] = accounting(fuse(copy.deepcopy(pristine).float().eval()), None, imgsz)[0]
         return self.dense[key]
 
     # -- data ---------------------------------------------------------------------------------
-    def data_spec(self, data_cfg: DictConfig, cache_dir: Path) -> DataSpec:
-        """Resolve ``cfg.data`` to paths on disk (downloading a configured dataset when missing)."""
-        from sweep.assets import ensure_dataset
-        from sweep.data.dataset import DataError, load_data_yaml
-
-        if data_cfg.yaml:
-            y = load_data_yaml(Path(str(data_cfg.yaml)).expanduser())
-            root = Path(y["path"])
-            spec = DataSpec(str(data_cfg.name), root, y["val"], None, False, y.get("names"), y.get("train"),
-                            data_cfg.limit)
-        else:
-            if not data_cfg.path:
-                raise DataError("data.path is empty: allowed is a dataset folder (or data.yaml=<YOLOv5 data yaml>)")
-            root = Path(str(data_cfg.path)).expanduser()
-            if not root.is_dir() and data_cfg.download:
-                if root.resolve() != (cache_dir / "datasets" / str(data_cfg.name)).resolve():
-                    raise DataError(f"data.path={str(root)!r}: missing, and a download goes only into the cache "
-                                    f"({cache_dir / 'datasets' / str(data_cfg.name)})")
-                ensure_dataset(str(data_cfg.name), cache_dir, _plain(data_cfg.download))
-            ann = root / str(data_cfg.annotations) if data_cfg.annotations else None
-            spec = DataSpec(str(data_cfg.name), root, _plain(data_cfg.val), ann, bool(data_cfg.coco80_to_91),
-                            list(data_cfg.names) if data_cfg.names else None, _plain(data_cfg.train),
-                            data_cfg.limit)
-        if not spec.root.is_dir():
-            raise DataError(f"data.path={str(spec.root)!r}: the dataset folder does not exist; allowed is an existing "
-                            f"folder with images/ and labels/ (set SWEEP_CACHE or paths.cache, or data.path)")
-        vals = spec.source()
-        for p in map(Path, vals if isinstance(vals, list) else [vals]):
-            if not p.exists():
-                raise DataError(f"data.val={str(spec.val)!r}: {p} does not exist; allowed is an images folder or list file "
-                                f"under data.path={str(spec.root)!r}")
-        if spec.annotations is not None and not spec.annotations.is_file():
-            raise DataError(f"data.annotations={str(data_cfg.annotations)!r}: {spec.annotations} does not exist")
-        return spec
-
-    def dataset(self, spec: DataSpec, cfg: DictConfig, stride: int, names: list[str]) -> EvalData:
-        """The evaluation data for ``spec`` at the config's imgsz/batch and the model's stride."""
-        from sweep.data.dataset import Dataset, coco_ground_truth
-
-        imgsz, batch = int(cfg.eval.imgsz), int(cfg.eval.batch)
-        key = (spec.name, str(spec.root), json.dumps(spec.val, default=str), spec.limit, imgsz, stride, batch)
+    def eval_data(self, spec: DataSpec, ev: EvalSpec, stride: int, model_names: list[str],
+                  weights: Path) -> EvalData:
+        """The evaluation data at ``ev``'s imgsz/batch and the model's stride: every image checked and
+        every label read here (a bad label or class id is an error before any run exists)."""
+        key = (spec, ev.imgsz, stride, ev.batch, tuple(model_names))
         if key in self.data:
             return self.data[key]
-        class_names = spec.names or list(names)
-        ds = Dataset(spec.source(), class_names, imgsz=imgsz, stride=stride, batch=batch, limit=spec.limit,
-                     workers=int(cfg.eval.workers), coco80_to_91=spec.coco80_to_91)
-        class_map = list(ds.class_map)
-        if spec.annotations is not None:
-            gt = json.loads(spec.annotations.read_text())
-            ids = set(ds.image_ids)
-            instances = sum(1 for a in gt["annotations"] if a["image_id"] in ids and not a.get("iscrowd", 0))
-        else:
-            gt = coco_ground_truth(ds)
-            instances = len(gt["annotations"])
-        data = EvalData(ds, gt, list(ds.image_ids), class_map, instances)
-        self.data = {k: v for k, v in self.data.items() if k[:4] == key[:4]}  # keep one dataset's settings
+        names = list(spec.names) if spec.names is not None else list(model_names)
+        try:
+            ds = Dataset(spec.val, names, imgsz=ev.imgsz, stride=stride, batch=ev.batch, limit=spec.limit,
+                         workers=ev.workers, coco80_to_91=spec.coco80_to_91)
+        except DataError as e:
+            if spec.names is None and "out of range" in str(e):
+                raise DataError(f"{e} of the checkpoint model.weights={str(weights)!r} ({len(names)} classes): "
+                                f"the labels of data {spec.name!r} are not for this model") from None
+            raise
+        gt, instances = load_ground_truth(ds, spec.annotations)
+        if instances == 0:
+            raise DataError(f"data {spec.name!r}: no labelled object in its {len(ds)} images (no label files "
+                            f"beside them? expected e.g. {label_path(ds.files[0])}); allowed is a "
+                            "dataset with YOLO label files or a COCO annotations JSON")
+        data = EvalData(ds, gt, list(ds.class_map), instances)
+        self.data = {k: v for k, v in self.data.items() if k[0] == spec}  # keep one dataset's settings
         self.data[key] = data
         return data
 
-    def batches(self, data: EvalData, preprocessed: str | None = None) -> Iterable[Any]:
-        """Decoded batches: from memory after the first pass when they fit ``MAX_CACHED_BYTES``;
+    def batches(self, data: EvalData, preprocessed: Path | None) -> Iterable[Batch]:
+        """Decoded batches: from memory after a first full pass when they fit ``MAX_CACHED_BYTES``;
         else from the on-disk cache under ``preprocessed`` (when given and writable); else decoded."""
         if data.batches is not None:
             return data.batches
-        return self._fill(data, self._source(data, preprocessed))
+        source = self._decoded(data.dataset, preprocessed)
+        if data.dataset.nbytes > MAX_CACHED_BYTES:
+            return source  # streamed every pass: nothing is held beyond the batch in use
+        return self._pass_and_keep(data, source)
 
     @staticmethod
-    def _source(data: EvalData, preprocessed: str | None) -> Iterable[Any]:
-        from sweep.data.preprocessed import PreprocessedCache, writable
+    def _decoded(dataset: Dataset, preprocessed: Path | None) -> Iterable[Batch]:
+        if preprocessed is not None:
+            if writable(preprocessed):
+                return PreprocessedCache(preprocessed).batches(dataset)
+            log.info("preprocessed cache %s is read-only: decoding images instead", preprocessed)
+        return dataset.iter_batches()
 
-        if preprocessed:
-            root = Path(str(preprocessed)).expanduser()
-            if writable(root):
-                return PreprocessedCache(root).batches(data.dataset)
-            log.info("preprocessed cache %s is read-only: decoding images instead", root)
-        return data.dataset.iter_batches()
-
-    def _fill(self, data: EvalData, source: Iterable[Any]) -> Iterator[Any]:
-        kept: list[Any] = []
-        size = 0
+    @staticmethod
+    def _pass_and_keep(data: EvalData, source: Iterable[Batch]) -> Iterator[Batch]:
+        """Yield ``source`` and keep every batch: a pass that runs to its end fills ``data.batches``."""
+        kept = []
         for b in source:
-            size += b.images.numel()
-            if size <= MAX_CACHED_BYTES:
-                kept.append(b)
+            kept.append(b)
             yield b
-        if size <= MAX_CACHED_BYTES:
-            data.batches = kept
+        data.batches = kept
 
-    def calibration(self, cfg: DictConfig, spec: DataSpec, device: Any) -> Any:
-        """Calibration images for ``cfg.recover`` (None for ``recover=none``), checked against the
-        evaluation images; cached per (recover settings, imgsz, evaluation set)."""
-        from sweep.data.dataset import list_image_files
-        from sweep.recover.methods import calibration_source
-
-        if cfg.recover.method == "none":
+    # -- recovery -----------------------------------------------------------------------------
+    def calibration(self, spec: RecoverSpec, ev: EvalSpec, eval_files: list[str],
+                    device: torch.device) -> Calibration | None:
+        """Calibration images for ``spec`` (None for ``recover=none``), checked against the evaluation images."""
+        if spec.source is None:
             return None
-        key = ("calibration", json.dumps(OmegaConf.to_container(cfg.recover, resolve=True), sort_keys=True),
-               str(cfg.data.train), int(cfg.eval.imgsz), json.dumps(spec.val, default=str), spec.limit, str(device))
+        key = (spec, ev.imgsz, ev.workers, tuple(eval_files), str(device))
         if key not in self.calib:
-            files = list_image_files(spec.source())
-            if spec.limit is not None:
-                files = files[: int(spec.limit)]
-            self.calib = {key: calibration_source(cfg, files, device)}
+            self.calib = {key: calibration_images(spec, ev.imgsz, ev.workers, eval_files, device)}
         return self.calib[key]

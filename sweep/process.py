@@ -1,14 +1,14 @@
-"""Keep freed host memory in the process for reuse instead of handing it back to the OS.
+"""Process setup, done once by the entry point (never inside a job): host-memory policy and MLflow's HTTP client.
+
+``setup_process`` applies both. Host memory: keep freed memory in the process for reuse instead of
+handing it back to the OS.
 
 A CPU forward pass at batch 32 allocates activations of tens to hundreds of MB per layer.
 glibc's malloc serves every block above its mmap threshold (at most 32 MB) with a fresh
 ``mmap`` and unmaps it on ``free``, so every pass page-faults all of its activations again:
-on this project's 2-core machines a pass of yolov5n over coco-val128 took 17 M minor page
-faults and as much kernel time as compute. Serving large blocks from the heap and never
-trimming it makes later passes reuse the same pages: 14.3 s -> 6.3 s per pass (yolov5n),
-37.4 s -> 21.9 s (yolov5m, 64 images), ~94 s -> ~58 s (yolov5x, 32 images). The price is that
-the process keeps its peak host memory plus some fragmentation (maxrss 2.2 -> 3.5 GB for
-yolov5n, 2.9 -> 4.8 GB for yolov5m, 4.0 -> ~5.1 GB for yolov5x; flat over repeated passes).
+with as much kernel time in page faults as in compute (docs/benchmarks.md). Serving large blocks
+from the heap and never trimming it makes later passes reuse the same pages; the price is that the
+process keeps its peak host memory plus some fragmentation.
 
 Only glibc (Linux) has these knobs; elsewhere this does nothing. ``eval.reuse_host_memory``
 switches it off.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
 import sys
 
@@ -51,3 +52,17 @@ def keep_freed_memory(enabled: bool = True) -> bool:
         log.debug("mallopt unavailable (%s): host memory is returned to the OS as usual", exc)
         return False
     return bool(ok)
+
+
+def bound_mlflow_http_retries() -> None:
+    """MLflow's HTTP client retries a refused connection for minutes on its own (7 retries, exponential
+    backoff): with the tracker's own bounded retries on top, a dropped server would stall a job for a
+    quarter of an hour. The tracker is the one retry layer, unless the user set these variables."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+
+
+def setup_process(reuse_host_memory: bool = True) -> None:
+    """Everything process-wide, once, at the entry point (idempotent)."""
+    keep_freed_memory(reuse_host_memory)
+    bound_mlflow_http_retries()

@@ -53,3 +53,12 @@ def runs(outputs: Path, experiment: str = "yolov5-sparsity", filter_string: str 
     if exp is None:
         return []
     return list(client.search_runs([exp.experiment_id], filter_string, max_results=1000))
+
+
+def resolved_container(cfg: DictConfig) -> dict:
+    """The composed config as plain data, interpolations resolved (what the job spec starts from)."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    c.pop("hydra", None)
+    return c

@@ -11,11 +11,11 @@ import pytest
 from helpers import make_cfg
 
 from sweep.job import JobContext, run_job
-from sweep.memo import SessionCache
+from sweep.memo import ProcessMemo
 
 pytestmark = pytest.mark.slow
 
-CACHE = SessionCache()
+CACHE = ProcessMemo()
 
 
 @pytest.mark.parametrize("overrides,expected", [

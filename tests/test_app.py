@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 from helpers import make_cfg, runs
 
-from sweep.job import JobContext, check_choices, run_job, run_name, semantic_config
-from sweep.config.schema import ConfigError, normalize_sparsity, validate
-from sweep.memo import SessionCache
+from sweep import contract
+from sweep.config.resolve import config_hash, normalize_sparsity, resolve_job, semantic_config
+from sweep.config.schema import ConfigError
+from sweep.job import JobContext, run_job
+from sweep.memo import ProcessMemo
 
 
 # -- config checks (no assets needed) -----------------------------------------------------------
-@pytest.mark.parametrize("value", [1.0, -0.1, "abc", float("nan"), True, 1.5])
+@pytest.mark.parametrize("value", [1.0, -0.1, "abc", float("nan"), True, 1.5, 0.9999999])
 def test_bad_sparsity_is_refused_with_key_value_and_range(value):
     with pytest.raises(ConfigError) as e:
         normalize_sparsity(value)
@@ -26,45 +28,61 @@ def test_bad_sparsity_is_refused_with_key_value_and_range(value):
 def test_sparsity_float_noise_is_normalised():
     assert normalize_sparsity(0.30000000000000004) == 0.3
     assert normalize_sparsity(0) == 0.0
+    assert normalize_sparsity(0.999999) == 0.999999
 
 
 @pytest.mark.parametrize("override,key", [
     ("eval.imgsz=100", "eval.imgsz"), ("eval.batch=0", "eval.batch"), ("eval.conf=1.5", "eval.conf"),
     ("eval.iou=-0.1", "eval.iou"), ("eval.device=tpu", "eval.device"), ("data.limit=0", "data.limit"),
+    ("prune.round_to=0", "prune.round_to"), ("recover.images=0", "recover.images"),
+    ("mlflow.tracking_uri=ftp://x", "mlflow.tracking_uri"),
 ])
 def test_range_checks_name_the_key(tmp_path, override, key):
     cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(cfg)
+        resolve_job(cfg, ProcessMemo())
 
 
 def test_registry_names_and_recover_conflict(tmp_path):
     with pytest.raises(ConfigError, match="prune.method='magic' is unknown: allowed are .*l1_unstructured"):
-        check_choices(make_cfg(tmp_path, "model=yolov5n", "prune.method=magic"))
+        resolve_job(make_cfg(tmp_path, "model=yolov5n", "prune.method=magic"), ProcessMemo())
     with pytest.raises(ConfigError, match="prune.fused=true is not allowed"):
-        check_choices(make_cfg(tmp_path, "model=yolov5n", "recover=bn"))
-    check_choices(make_cfg(tmp_path, "model=yolov5n", "recover=bn", "prune.fused=false"))
+        resolve_job(make_cfg(tmp_path, "model=yolov5n", "recover=bn"), ProcessMemo())
+
+
+def test_custom_model_without_weights_is_a_config_error_not_a_download(tmp_path):
+    with pytest.raises(ConfigError, match="model.weights is not set"):
+        resolve_job(make_cfg(tmp_path, "model=custom"), ProcessMemo())
+
+
+def test_outputs_pointing_at_a_file_is_a_config_error(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    cfg = make_cfg(tmp_path, "model=yolov5n")
+    cfg.paths.outputs = str(f)
+    with pytest.raises(ConfigError, match="paths.outputs=.*is a file"):
+        resolve_job(cfg, ProcessMemo())
 
 
 def test_run_name_and_hash_semantics(tmp_path):
     import torch
 
     cpu = torch.device("cpu")
-    a = make_cfg(tmp_path, "model=yolov5x", "sparsity=0.3")
-    assert run_name(a) == "yolov5x-l1_unstructured-s0.30"
-    b = make_cfg(tmp_path, "model=yolov5n", "prune=global_l1", "prune.fused=false", "sparsity=0.5")
-    assert run_name(b) == "yolov5n-global_l1-unfused-s0.50"
+    assert contract.run_name("yolov5x", "l1_unstructured", True, "none", 0.3) == "yolov5x-l1_unstructured-s0.30"
+    assert contract.run_name("yolov5n", "global_l1", False, "none", 0.5) == "yolov5n-global_l1-unfused-s0.50"
+
+    def semantic(*overrides: str) -> dict:
+        from helpers import resolved_container
+
+        c = resolved_container(make_cfg(tmp_path, *overrides))
+        return semantic_config(c, "sha", cpu, False, float(c["sparsity"]))
+
     # the dense point does not depend on the pruning method; a pruned one does
-    d1 = semantic_config(make_cfg(tmp_path, "prune=global_l1", "sparsity=0"), "sha", cpu, False)
-    d2 = semantic_config(make_cfg(tmp_path, "prune=random", "sparsity=0"), "sha", cpu, False)
-    assert d1 == d2
-    p1 = semantic_config(make_cfg(tmp_path, "prune=global_l1", "sparsity=0.3"), "sha", cpu, False)
-    p2 = semantic_config(make_cfg(tmp_path, "prune=random", "sparsity=0.3"), "sha", cpu, False)
-    assert p1 != p2
+    assert semantic("prune=global_l1", "sparsity=0") == semantic("prune=random", "sparsity=0")
+    assert semantic("prune=global_l1", "sparsity=0.3") != semantic("prune=random", "sparsity=0.3")
     # settings that do not change numbers do not change the hash
-    e1 = semantic_config(make_cfg(tmp_path, "eval.workers=0", "mlflow.experiment=x"), "sha", cpu, False)
-    e2 = semantic_config(make_cfg(tmp_path, "eval.workers=4"), "sha", cpu, False)
-    assert e1 == e2
+    assert semantic("eval.workers=0", "mlflow.experiment=x") == semantic("eval.workers=4")
+    assert config_hash(semantic("sparsity=0.3")) != config_hash(semantic("sparsity=0.5"))
 
 
 # -- real assets --------------------------------------------------------------------------------
@@ -102,7 +120,7 @@ def test_dense_yolov5n_on_val128_matches_pinned_values(tmp_path, assets):
 
 
 def test_pruned_job_logs_a_complete_mlflow_run(tmp_path, assets):
-    cache = SessionCache()
+    cache = ProcessMemo()
     cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "data.limit=8", "eval.imgsz=320",
                    "sparsity=0.3", "eval.save_json=true")
     out = run_job(cfg, JobContext(tmp_path / "job", overrides=["sparsity=0.3"]), cache)
@@ -140,15 +158,29 @@ def test_zero_detections_report_zeros_and_finish(tmp_path, assets):
     assert out.metrics["mAP50-95"] == 0.0 and out.metrics["AR100"] == 0.0
 
 
-def test_corrupt_checkpoint_ends_its_run_failed(tmp_path, assets):
+def test_corrupt_checkpoint_is_refused_before_any_run(tmp_path, assets):
+    """The pre-flight opens the checkpoint: a truncated file is an input error, not a FAILED run."""
+    from sweep.model import CheckpointError
+
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes((assets / "weights" / "yolov5n.pt").read_bytes()[:100_000])
     cfg = make_cfg(tmp_path, "model=custom", f"model.weights={bad}", "data=coco-val128", "data.limit=4",
                    "eval.imgsz=320")
+    with pytest.raises(CheckpointError, match="corrupt.pt"):
+        run_job(cfg, JobContext(tmp_path / "job"))
+    assert runs(tmp_path) == [] and not (tmp_path / "job").exists()
+
+
+def test_an_error_during_the_job_ends_its_run_failed(tmp_path, assets):
+    """After the run exists, a failure ends it FAILED with the error tag and the traceback artifact."""
+    cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "data.limit=4", "eval.imgsz=320",
+                   "sparsity=0.3", "prune.save=true")
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "pruned.pt").mkdir()  # the checkpoint cannot be written over a folder
     with pytest.raises(Exception):
         run_job(cfg, JobContext(tmp_path / "job"))
     [run] = runs(tmp_path)
-    assert run.info.status == "FAILED" and "corrupt.pt" in run.data.tags["error"]
+    assert run.info.status == "FAILED" and "pruned.pt" in run.data.tags["error"]
     assert (tmp_path / "job" / "traceback.txt").is_file()
 
 
@@ -176,22 +208,20 @@ def test_every_pruning_method_runs_a_job_with_its_accounting(tmp_path, assets, m
     assert (tmp_path / "job" / "layer_sparsity.csv").is_file()
 
 
-_SHARED = SessionCache()
+_SHARED = ProcessMemo()
 
 
 @pytest.mark.parametrize("relative", [True, False])
 def test_coco_val128_calibration_split_resolves_with_a_relative_or_absolute_cache(tmp_path, assets, relative):
     import os
 
-    from sweep.assets import cache_root
-
     cache = os.path.relpath(assets) if relative else str(assets)  # the README's SWEEP_CACHE=../shared/assets
     cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "prune.fused=false", "recover=bn",
                    f"paths.cache={cache}")
-    session = SessionCache()
-    spec = session.data_spec(cfg.data, cache_root(cfg.paths.cache))
-    cal = session.calibration(cfg, spec, "cpu")
-    assert len(cal.files) == 128
+    memo = ProcessMemo()
+    spec = resolve_job(cfg, memo)
+    [cal] = memo.calib.values()
+    assert spec.recover.source_key == "data.train" and len(cal.files) == 128
     assert all(Path(f).resolve().parent == (assets / "datasets" / "coco128-calib" / "images" / "train2017").resolve()
                for f in cal.files)
 
@@ -201,12 +231,13 @@ def test_a_single_run_closes_runs_left_running_by_dead_processes_of_this_host(tm
     import subprocess
     import sys
 
+    from sweep.config.resolve import resolve_tracking
     from sweep.track.tracker import Tracker
 
     cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "data.limit=4", "eval.imgsz=320", "sparsity=0.3")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    tracker = Tracker.from_config(cfg)
+    tracker = Tracker.from_spec(resolve_tracking(cfg))
     orphan = tracker.start_run("killed-earlier", {"host": platform.node(), "pid": str(dead.pid)})
     out = run_job(cfg, JobContext(tmp_path / "job"))
     assert out.status == "done"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
 from sweep.evaluate.coco import STAT_NAMES, CocoEvaluator
 from sweep.data.dataset import Dataset, coco_ground_truth
@@ -35,11 +38,22 @@ def gt_and_predictions(val128_dir):
     return gt, rows, [im["id"] for im in gt["images"]]
 
 
-def _compute(gt, rows, ids, backend):
-    ev = CocoEvaluator(gt, backend=backend, image_ids=ids)
-    for i in range(0, len(rows), 97):  # accumulate in pieces, as the inference loop does
-        ev.update(rows[i:i + 97])
-    return ev.compute()
+def _detections(rows):
+    """The rows as the inference loop hands them over: per image, [n, 6] xyxy + score + class tensors."""
+    per_image: dict = {}
+    for r in rows:
+        x, y, w, h = r["bbox"]
+        per_image.setdefault(r["image_id"], []).append([x, y, x + w, y + h, r["score"], r["category_id"]])
+    ids = list(per_image)
+    return ids, [torch.tensor(per_image[i], dtype=torch.float32) for i in ids]
+
+
+def _compute(gt, rows, ids, backend, class_map=None):
+    ev = CocoEvaluator(gt, backend=backend, image_ids=ids, class_map=class_map)
+    image_ids, dets = _detections(rows)
+    for i in range(0, len(image_ids), 7):  # batch by batch, as the inference loop does
+        ev.process(SimpleNamespace(image_ids=image_ids[i:i + 7]), dets[i:i + 7])
+    return ev.evaluate()
 
 
 def test_faster_backend_equals_pycocotools(gt_and_predictions):
@@ -56,6 +70,22 @@ def test_faster_backend_equals_pycocotools(gt_and_predictions):
 def test_no_detections_gives_zeros_not_a_crash(gt_and_predictions):
     gt, _, ids = gt_and_predictions
     for backend in ("pycocotools", "faster"):
-        res = CocoEvaluator(gt, backend=backend, image_ids=ids).compute()
+        res = CocoEvaluator(gt, backend=backend, image_ids=ids).evaluate()
         assert all(v == 0.0 for v in res.stats.values())
         assert len(res.per_class) == len(gt["categories"])
+
+
+def test_the_evaluator_owns_class_ids_rounding_and_the_predictions_json():
+    """Class index -> category id, val.py's rounding, and a JSON written before COCO touches the rows."""
+    import json
+
+    gt = {"images": [{"id": 7, "width": 100, "height": 100}], "categories": [{"id": 5, "name": "cat"}],
+          "annotations": [{"id": 1, "image_id": 7, "category_id": 5, "bbox": [10, 10, 20, 20], "area": 400,
+                           "iscrowd": 0}]}
+    ev = CocoEvaluator(gt, backend="pycocotools", image_ids=[7], class_map=[5])
+    ev.process(SimpleNamespace(image_ids=[7]), [torch.tensor([[10.0, 10.0, 30.0, 30.0, 0.123456789, 0.0]])])
+    rows = json.loads(ev.predictions_json())
+    assert rows == [{"image_id": 7, "category_id": 5, "bbox": [10.0, 10.0, 20.0, 20.0], "score": 0.12346}]
+    assert ev.evaluate().stats["mAP50"] == pytest.approx(1.0)
+    ev.reset()
+    assert ev.evaluate().stats["mAP50"] == 0.0  # nothing processed since the reset

@@ -170,10 +170,11 @@ def test_real_gflops_scale_with_image_area(v5n_fused):
 def test_real_accounting_after_l1_pruning(v5n_fused, dense_fused):
     import copy
 
+    from sweep.config.spec import PruneSpec
     from sweep.prune.methods import PRUNERS, select_convs
 
     dense, _ = dense_fused
-    model = PRUNERS["l1_unstructured"](copy.deepcopy(v5n_fused), 0.3, {})
+    model = PRUNERS["l1_unstructured"](copy.deepcopy(v5n_fused), 0.3, PruneSpec("l1_unstructured"))
     metrics, layers = accounting(model, None, 640, 0.3, reference=dense)
     zeros = sum(round(0.3 * n) for n in layers["numel"])
     assert metrics["sparsity"] == zeros / 1_861_888 == pytest.approx(0.3, abs=1e-6)
@@ -186,7 +187,7 @@ def test_real_accounting_after_l1_pruning(v5n_fused, dense_fused):
     assert metrics["size_mb_compressed"] < 0.85 * dense["size_mb_compressed"]
     assert (layers["sparsity"] - 0.3).abs().max() < 1e-3
 
-    kept = PRUNERS["l1_unstructured"](copy.deepcopy(v5n_fused), 0.3, {"exclude": ["model.24.*"]})
+    kept = PRUNERS["l1_unstructured"](copy.deepcopy(v5n_fused), 0.3, PruneSpec("l1_unstructured", exclude=("model.24.*",)))
     selected = list(select_convs(kept, [], ["model.24.*"]))
     m2, l2 = accounting(kept, selected, 640, 0.3)
     assert m2["sparsity"] == pytest.approx(0.3, abs=1e-6)  # over the selected layers only

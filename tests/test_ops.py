@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from sweep.evaluate.ops import coco_rows, letterbox_boxes, non_max_suppression, scale_boxes
+from sweep.evaluate.coco import coco_rows
+from sweep.evaluate.ops import letterbox_boxes, non_max_suppression, scale_boxes
 
 
 def _row(cx, cy, w, h, obj, *cls):

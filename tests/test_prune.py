@@ -12,37 +12,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from sweep.config.schema import ConfigError, PruneConfig
+from sweep.config.schema import ConfigError
+from sweep.config.spec import PruneSpec, RecoverSpec
+from sweep.job import prune_and_recover
+from sweep.model import fuse
+from sweep.model.yolo import Conv
 from sweep.prune.accounting import gflops, param_counts
-from sweep.prune.methods import (
-    PRUNERS,
-    apply_pruning,
-    detect_head_convs,
-    get_pruner,
-    is_permanent,
-    prune_model,
-    select_convs,
-)
+from sweep.prune.methods import PRUNERS, detect_head_convs, is_permanent, select_convs
+from sweep.recover import RECOVERERS
 
 UNSTRUCTURED = ["l1_unstructured", "global_l1", "random", "ln_structured"]
 
 
 # --------------------------------------------------------------------------- toy nets
-
-
-class Conv(nn.Module):
-    """Conv + BN + SiLU like YOLOv5's, with a ``fuse`` step."""
-
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
-        self.bn = nn.BatchNorm2d(c2)
-        self.act = nn.SiLU()
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)) if hasattr(self, "bn") else self.conv(x))
 
 
 class Bottleneck(nn.Module):
@@ -107,12 +90,13 @@ class TinyYolo(nn.Module):
         return self.model[4]([p3, p4])
 
 
-def fuse_tiny(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, Conv) and hasattr(m, "bn"):
-            m.conv = fuse_conv_bn_eval(m.conv, m.bn)
-            del m.bn
-    return model
+fuse_tiny = fuse  # the toy nets use the real Conv, so the real fusion applies
+
+
+def pruned(model: nn.Module, sparsity: float, spec: PruneSpec, recover: str = "none",
+           calibration=None) -> nn.Module:
+    """The job's own order (fuse -> prune, or prune -> recover -> fuse): ``sweep.job.prune_and_recover``."""
+    return prune_and_recover(model, sparsity, spec, RecoverSpec(recover), calibration)[0]
 
 
 def make_tiny(seed: int = 0) -> TinyYolo:
@@ -127,10 +111,10 @@ def make_tiny(seed: int = 0) -> TinyYolo:
     return model.eval()
 
 
-def cfg(**kw) -> SimpleNamespace:
-    base = dict(method="l1_unstructured", fused=True, include=[], exclude=[], seed=0, round_to=8)
+def cfg(**kw) -> PruneSpec:
+    base = dict(method="l1_unstructured", fused=True, include=(), exclude=(), seed=0, round_to=8)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return PruneSpec(**base)
 
 
 def zeros(t: torch.Tensor) -> int:
@@ -316,61 +300,35 @@ def test_masks_permanent_and_state_dict_keys_unchanged(tiny, method):
     assert all(isinstance(m.weight, nn.Parameter) for m in select_convs(tiny).values())
 
 
-@pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), "0.3", True])
-def test_bad_sparsity_is_a_config_error(tiny, bad):
-    with pytest.raises(ConfigError, match="sparsity"):
-        PRUNERS["l1_unstructured"](tiny, bad, cfg())
-
-
-def test_unknown_method_lists_registered_names(tiny):
-    with pytest.raises(ConfigError) as err:
-        get_pruner("l2_magic")
-    for name in PRUNERS:
-        assert name in str(err.value)
-    with pytest.raises(ConfigError, match="l1_unstructured"):
-        prune_model(tiny, 0.3, cfg(method="nope"), fuse_tiny)
-
-
 def test_registry_is_a_plain_dict_with_one_signature():
     assert type(PRUNERS) is dict
     assert set(PRUNERS) == {"l1_unstructured", "global_l1", "random", "ln_structured", "channel"}
 
 
-def test_cfg_may_be_a_dataclass_a_dict_or_a_dictconfig(tiny):
-    from omegaconf import OmegaConf
-
-    for c in (PruneConfig(exclude=["model.4.*"]), {"exclude": ["model.4.*"]},
-              OmegaConf.structured(PruneConfig(exclude=["model.4.*"]))):
-        m = PRUNERS["l1_unstructured"](make_tiny(), 0.5, c)
-        assert zeros(m.model[4].m[0].weight) == 0
-        assert zeros(m.model[3].conv.weight) == round(0.5 * m.model[3].conv.weight.numel())
-
-
 # --------------------------------------------------------------------------- fused / unfused order
 
 
-def test_prune_model_order_and_recovery_between():
-    calls: list[str] = []
+def test_prune_and_recover_order(monkeypatch):
+    """fused: fuse -> prune; unfused: prune -> recover (on the BatchNorm layers) -> fuse."""
+    seen: list[tuple[bool, float]] = []
 
-    def fuse(m):
-        calls.append("fuse")
-        return fuse_tiny(m)
+    def probe(model, spec, calibration):  # a recoverer registered like any other
+        w = model.model[3].conv.weight
+        seen.append((hasattr(model.model[3], "bn"), float((w == 0).float().mean())))
+        return {"probe": 1.0}
 
-    def recover(m):
-        calls.append("recover:" + ("fused" if not hasattr(m.model[0], "bn") else "unfused"))
-        return m
-
-    prune_model(make_tiny(), 0.3, cfg(fused=True), fuse, recover)
-    assert calls == ["fuse", "recover:fused"]
-    calls.clear()
-    prune_model(make_tiny(), 0.3, cfg(fused=False), fuse, recover)
-    assert calls == ["recover:unfused", "fuse"]
+    monkeypatch.setitem(RECOVERERS, "probe", probe)
+    model, metrics = prune_and_recover(make_tiny(), 0.3, cfg(fused=False), RecoverSpec("probe"), None)
+    assert seen == [(True, pytest.approx(0.3, abs=0.01))] and metrics == {"probe": 1.0}
+    assert not any(hasattr(m, "bn") for m in model.modules())  # fused after the recovery
+    fused, metrics = prune_and_recover(make_tiny(), 0.3, cfg(fused=True), RecoverSpec(), None)
+    assert metrics == {} and not any(hasattr(m, "bn") for m in fused.modules())
 
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("method", UNSTRUCTURED)
 def test_fused_and_unfused_both_reach_target(method, fused):
-    model = prune_model(make_tiny(), 0.3, cfg(method=method, fused=fused), fuse_tiny)
+    model = pruned(make_tiny(), 0.3, cfg(method=method, fused=fused))
     assert not any(hasattr(m, "bn") for m in model.modules())  # always ends fused
     for name, m in select_convs(model).items():
         n = m.weight.numel()
@@ -385,17 +343,11 @@ def test_fused_and_unfused_both_reach_target(method, fused):
 
 
 def test_fused_and_unfused_prune_different_weights():
-    a = prune_model(make_tiny(), 0.3, cfg(fused=True), fuse_tiny)
-    b = prune_model(make_tiny(), 0.3, cfg(fused=False), fuse_tiny)
+    a = pruned(make_tiny(), 0.3, cfg(fused=True))
+    b = pruned(make_tiny(), 0.3, cfg(fused=False))
     masks_a = [m.weight == 0 for m in select_convs(a).values()]
     masks_b = [m.weight == 0 for m in select_convs(b).values()]
     assert any(not torch.equal(x, y) for x, y in zip(masks_a, masks_b))
-
-
-def test_apply_pruning_uses_cfg_method(tiny):
-    apply_pruning(tiny, 0.5, cfg(method="ln_structured"))
-    w = tiny.model[3].conv.weight.flatten(1)
-    assert int((w == 0).all(dim=1).sum()) == 32
 
 
 # --------------------------------------------------------------------------- channel (toy)
@@ -407,7 +359,7 @@ def test_channel_toy_removes_channels_keeps_outputs(fused):
     x = torch.randn(2, 3, 64, 64)
     y0 = model(x)
     p0, f0 = param_counts(model)[0], gflops(model, 64)
-    model = prune_model(model, 0.5, cfg(method="channel", fused=fused), fuse_tiny)
+    model = pruned(model, 0.5, cfg(method="channel", fused=fused))
     assert is_permanent(model)
     y = model(x)
     assert y.shape == y0.shape and torch.isfinite(y).all()
@@ -508,11 +460,9 @@ def test_real_ln_structured_zeroes_whole_filters(v5n_fused):
 @pytest.mark.parametrize("method", ["l1_unstructured", "global_l1"])
 def test_real_fused_and_unfused_both_reach_target(v5n, method):
     from sweep.prune.accounting import accounting
-    from sweep.model.yolo import fuse
-
     results = {}
     for fused in (True, False):
-        model = prune_model(copy.deepcopy(v5n), 0.3, cfg(method=method, fused=fused), fuse)
+        model = pruned(copy.deepcopy(v5n), 0.3, cfg(method=method, fused=fused))
         assert not any(hasattr(m, "bn") for m in model.modules())
         sel = select_convs(model)
         metrics, _ = accounting(model, list(sel), 64, 0.3)
@@ -541,12 +491,10 @@ def test_real_include_exclude(v5n_fused):
 
 
 def test_real_pristine_model_never_mutated(v5n):
-    from sweep.model.yolo import fuse
-
     snap = snapshot(v5n)
     modules = dict(v5n.named_modules())
     for method, fused in [("l1_unstructured", True), ("ln_structured", False), ("channel", False)]:
-        prune_model(copy.deepcopy(v5n), 0.3, cfg(method=method, fused=fused), fuse)
+        pruned(copy.deepcopy(v5n), 0.3, cfg(method=method, fused=fused))
     assert same_state(v5n, snap)
     assert dict(v5n.named_modules()).keys() == modules.keys()  # still unfused (bn present)
     assert all(a is b for a, b in zip(dict(v5n.named_modules()).values(), modules.values()))
@@ -563,9 +511,7 @@ def _image(val128_dir, size: int = 640) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def v5n_channel03(v5n):
     """yolov5n channel-pruned at ratio 0.3, fuse -> prune (the default order)."""
-    from sweep.model.yolo import fuse
-
-    return prune_model(copy.deepcopy(v5n), 0.3, cfg(method="channel"), fuse)
+    return pruned(copy.deepcopy(v5n), 0.3, cfg(method="channel"))
 
 
 def test_real_channel_reduces_cost_keeps_shapes(v5n_fused, v5n_channel03):
@@ -594,9 +540,7 @@ def test_real_channel_reduces_cost_keeps_shapes(v5n_fused, v5n_channel03):
 
 def test_real_channel_same_counts_fused_or_unfused(v5n, v5n_channel03):
     from sweep.prune.accounting import param_counts
-    from sweep.model.yolo import fuse
-
-    model = prune_model(copy.deepcopy(v5n), 0.3, cfg(method="channel", fused=False), fuse)
+    model = pruned(copy.deepcopy(v5n), 0.3, cfg(method="channel", fused=False))
     assert param_counts(model)[0] == param_counts(v5n_channel03)[0]  # counts depend on the ratio only
     shapes = [m.weight.shape for m in select_convs(model).values()]
     assert shapes == [m.weight.shape for m in select_convs(v5n_channel03).values()]
@@ -608,10 +552,8 @@ def test_real_channel_outputs_non_degenerate(v5n, val128_dir):
     Measured on 000000000139.jpg (640x640 resize): max objectness 0.881 dense, 0.161 after
     channel pruning at 0.2 (fuse->prune), 0.036 at 0.1: no box above 0.25 without recovery.
     """
-    from sweep.model.yolo import fuse
-
     x = _image(val128_dir)
-    model = prune_model(copy.deepcopy(v5n), 0.2, cfg(method="channel"), fuse)
+    model = pruned(copy.deepcopy(v5n), 0.2, cfg(method="channel"))
     with torch.no_grad():
         pred, _ = model(x)
     obj = pred[0, :, 4]
@@ -624,23 +566,6 @@ def test_real_channel_outputs_non_degenerate(v5n, val128_dir):
     assert (wh > 1).all() and (wh < 2000).all()
 
 
-def _bn_recalibrate(images: torch.Tensor):
-    """Test-only BatchNorm recalibration (cumulative averages over ``images``)."""
-
-    def recover(model: nn.Module) -> nn.Module:
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None
-        model.train()
-        with torch.no_grad():
-            for batch in images.split(8):
-                model(batch)
-        return model.eval()
-
-    return recover
-
-
 @pytest.mark.slow
 def test_real_channel_detects_after_bn_recalibration(v5n, val128_dir, assets):
     """prune (unfused) -> BN recalibration on unlabeled calibration images -> fuse: detections return.
@@ -650,14 +575,12 @@ def test_real_channel_detects_after_bn_recalibration(v5n, val128_dir, assets):
     """
     import cv2
 
-    from sweep.model.yolo import fuse
-
     files = sorted((assets / "datasets" / "coco128-calib" / "images" / "train2017").glob("*.jpg"))[:32]
     calib = torch.cat([
         torch.from_numpy(cv2.resize(cv2.imread(str(f))[:, :, ::-1], (640, 640)).copy())
-        .permute(2, 0, 1)[None].float() / 255 for f in files])
-    model = prune_model(copy.deepcopy(v5n), 0.2, cfg(method="channel", fused=False), fuse,
-                        _bn_recalibrate(calib))
+        .permute(2, 0, 1)[None].float() for f in files])  # 0-255, as calibration batches are
+    images = SimpleNamespace(batches=lambda: calib.split(8), device=torch.device("cpu"), source="coco128-calib")
+    model = pruned(copy.deepcopy(v5n), 0.2, cfg(method="channel", fused=False), "bn", images)
     with torch.no_grad():
         pred, _ = model(_image(val128_dir))
     assert int((pred[0, :, 4] > 0.25).sum()) >= 3

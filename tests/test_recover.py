@@ -17,17 +17,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sweep.config.schema import Config, ConfigError, PruneConfig
+from sweep.config.resolve import resolve_data, resolve_recover
+from sweep.config.schema import Config, ConfigError
+from sweep.config.spec import DataSpec, PruneSpec, RecoverSpec
 from sweep.model.yolo import build_model, fuse, load_model_yaml
 from sweep.prune.methods import PRUNERS
-from sweep.recover.methods import (
-    RECOVERERS,
-    Calibration,
-    batchnorm_layers,
-    calibration_source,
-    eval_overlap,
-    recalibrate_batchnorm,
-)
+from sweep.recover import RECOVERERS, Calibration, calibration_images, recalibrate_batchnorm
+from sweep.recover.calibration import eval_overlap
+from sweep.recover.methods import batchnorm_layers
 
 IMGSZ = 64
 
@@ -44,7 +41,7 @@ def pristine() -> torch.nn.Module:
 @pytest.fixture
 def pruned(pristine) -> torch.nn.Module:
     model = copy.deepcopy(pristine)
-    return PRUNERS["l1_unstructured"](model, 0.5, PruneConfig(method="l1_unstructured", fused=False))
+    return PRUNERS["l1_unstructured"](model, 0.5, PruneSpec("l1_unstructured", fused=False))
 
 
 def synthetic_batches(n: int = 8, batch: int = 4, seed: int = 1) -> list[torch.Tensor]:
@@ -92,6 +89,15 @@ def write_images(folder: Path, names: list[str], seed: int = 0) -> list[Path]:
     return out
 
 
+def calibration_source(cfg, eval_files: list[str], device: str) -> Calibration | None:
+    """The job's path from config to calibration images: resolve the data and recover specs, then open the images."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    located = c["data"]["path"] or c["data"]["yaml"] or c["paths"]["cache"]
+    data = (resolve_data(c, Path(c["paths"]["cache"] or ".")) if located
+            else DataSpec(c["data"]["name"], Path("."), "."))
+    return calibration_images(resolve_recover(c, data), c["eval"]["imgsz"], c["eval"]["workers"], eval_files, device)
+
+
 def eval_data(files: list[Path]) -> list[str]:
     """The evaluated images' paths, as the session passes them."""
     return [str(f) for f in files]
@@ -106,7 +112,7 @@ def test_registry_names_and_signature():
 
 def test_none_is_a_noop(pruned):
     before = copy.deepcopy(pruned.state_dict())
-    assert RECOVERERS["none"](pruned, make_cfg("none"), None) == {}
+    assert RECOVERERS["none"](pruned, RecoverSpec("none"), None) == {}
     after = pruned.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -120,7 +126,7 @@ def test_bn_keeps_zeros_and_parameters_changes_statistics(pruned):
     stats = bn_buffers(pruned)
     momenta = [m.momentum for m in batchnorm_layers(pruned)]
 
-    metrics = RECOVERERS["bn"](pruned, make_cfg(), calibration_of(synthetic_batches()))
+    metrics = RECOVERERS["bn"](pruned, RecoverSpec("bn"), calibration_of(synthetic_batches()))
 
     assert metrics["recover_images"] == 8 and metrics["recover_seconds"] >= 0
     assert zeros(pruned) == n_zero  # pruned weights stay exactly zero
@@ -159,12 +165,12 @@ def test_bn_is_deterministic(pristine):
 def test_bn_on_fused_model_is_a_clear_error(pristine):
     model = fuse(copy.deepcopy(pristine))
     with pytest.raises(ConfigError, match="prune.fused=false"):
-        RECOVERERS["bn"](model, make_cfg(), calibration_of(synthetic_batches()))
+        RECOVERERS["bn"](model, RecoverSpec("bn"), calibration_of(synthetic_batches()))
 
 
 def test_bn_without_calibration_is_a_clear_error(pruned):
     with pytest.raises(ConfigError, match="recover.data"):
-        RECOVERERS["bn"](pruned, make_cfg(), None)
+        RECOVERERS["bn"](pruned, RecoverSpec("bn"), None)
 
 
 # --------------------------------------------------------------------------- calibration data
@@ -185,6 +191,7 @@ def test_calibration_order_count_and_shape(tmp_path):
 
 def test_calibration_default_is_data_train_relative_to_data_path(tmp_path):
     write_images(tmp_path / "ds" / "images" / "train", ["a.jpg", "b.jpg"])
+    write_images(tmp_path / "ds" / "images" / "val2017", ["v.jpg"])
     cfg = make_cfg(**{"data.path": str(tmp_path / "ds"), "data.train": "images/train"})
     cal = calibration_source(cfg, eval_data([]), "cpu")
     assert [Path(f).name for f in cal.files] == ["a.jpg", "b.jpg"]
@@ -192,6 +199,7 @@ def test_calibration_default_is_data_train_relative_to_data_path(tmp_path):
 
 def test_calibration_from_dataset_yaml_uses_train_split(tmp_path):
     write_images(tmp_path / "ds" / "images" / "train", ["a.jpg"])
+    write_images(tmp_path / "ds" / "images" / "val", ["v.jpg"])
     y = tmp_path / "ds" / "data.yaml"
     y.write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a]\n")
     cal = calibration_source(make_cfg(**{"recover.data": str(y)}), eval_data([]), "cpu")
@@ -271,12 +279,12 @@ def test_real_yolov5n_bn_recalibration_keeps_zeros(assets, yolov5n_path, val128_
     from sweep.data.dataset import list_image_files
 
     model = checkpoint.load_checkpoint(yolov5n_path).model.float().eval()
-    PRUNERS["l1_unstructured"](model, 0.5, PruneConfig(fused=False))
+    PRUNERS["l1_unstructured"](model, 0.5, PruneSpec("l1_unstructured", fused=False))
     n_zero = zeros(model)
     stats = bn_buffers(model)
     cfg = real_cfg(assets, **{"eval.imgsz": 320, "recover.images": 16, "recover.batch": 8})
     val = eval_data([Path(f) for f in list_image_files(val128_dir / "images" / "val2017")])
-    metrics = RECOVERERS["bn"](model, cfg, calibration_source(cfg, val, "cpu"))
+    metrics = RECOVERERS["bn"](model, RecoverSpec("bn"), calibration_source(cfg, val, "cpu"))
     assert metrics["recover_images"] == 16
     assert zeros(model) == n_zero
     new = bn_buffers(model)

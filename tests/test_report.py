@@ -23,6 +23,8 @@ pypdf = pytest.importorskip("pypdf")
 mlflow = pytest.importorskip("mlflow")
 from mlflow.entities import Metric, Param  # noqa: E402
 
+from sweep import contract  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 EXP = "yolov5-sparsity"
 
@@ -104,26 +106,31 @@ class Store:
     def job(self, eid: str, sweep_id: str, pid: str | None, start: int, model: str, method: str, s: float,
             recover: str = "none", data: str = "coco-val128", imgsz: int = 640, half: bool = False,
             include: list[str] | None = None, status: str = "FINISHED", drop: tuple[str, ...] = (),
-            device: str = "Intel Xeon CPU") -> str:
+            device: str = "Intel Xeon CPU", batch: int = 32, params_logged: bool = True) -> str:
         include = include or []
         tags = {"sweep_id": sweep_id, "sweep.role": "job", "config_hash": f"h{hash((model, method, s, recover, imgsz, half, tuple(include))) & 0xffffffff:08x}",
                 "git_commit": "0123456789abcdef0123456789abcdef01234567", "device_name": device}
         if pid:
             tags["mlflow.parentRunId"] = pid
-        run = self.client.create_run(eid, start_time=start, tags=tags, run_name=f"{model}-{method}-s{s:.2f}")
+        name = contract.run_name(model, method, recover == "none", recover, s)
+        run = self.client.create_run(eid, start_time=start, tags=tags, run_name=name)
         rid = run.info.run_id
         params = {"model.name": model, "prune.method": method, "prune.fused": "True",
                   "prune.include": str(include), "prune.exclude": "[]", "sparsity": str(s),
                   "data.name": data, "eval.imgsz": str(imgsz), "eval.half": str(half),
-                  "eval.device": "cpu", "eval.batch": "32", "recover.method": recover}
+                  "eval.device": "cpu", "eval.batch": str(batch), "recover.method": recover}
+        if recover != "none":
+            params["prune.fused"] = "False"
         metrics = []
         if status == "FINISHED":
             layer = int(include[0].split(".")[1]) if include else None
             vals = job_metrics(model, method, s, imgsz, half, recover, layer)
+            vals[contract.latency_batch_metric(batch)] = vals.pop("latency_b32_ms_per_image")
             metrics = [Metric(k, float(v), start + 500, 0) for k, v in vals.items() if k not in drop]
         else:
             self.client.set_tag(rid, "error", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
-        self.client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
+        logged = [Param(k, v) for k, v in params.items()] if params_logged else []
+        self.client.log_batch(rid, metrics=metrics, params=logged)
         self.client.set_terminated(rid, status, end_time=start + 900)
         return rid
 
@@ -461,3 +468,32 @@ def test_parsers_and_order():
         ["yolov5n", "yolov5s", "yolov5m", "yolov5x", "custom"]
     style = F.Style.build(["yolov5s", "yolov5n"], ["a"])
     assert style.colour("yolov5n") == F.SIZE_COLOURS["n"] and style.colour("yolov5s") == F.SIZE_COLOURS["s"]
+
+
+def test_a_sweep_at_another_eval_batch_keeps_its_latency(tmp_path, empty_db):
+    """Regression: the job names the metric after eval.batch; the report used to read only batch 32's."""
+    st = Store(tmp_path, empty_db)
+    st.sweep("b16", grid(models=("yolov5n",), methods=("l1_unstructured",), batch=16))
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    df = pd.read_csv(out / "results.csv")
+    assert df["metrics.latency_b16_ms_per_image"].notna().all()
+    text = " ".join(page.extract_text() for page in pypdf.PdfReader(out / "report.pdf").pages)
+    assert "Latency, batch 16" in text and "batch 32" not in text
+
+
+def test_run_names_parse_back_when_params_are_missing(tmp_path, empty_db):
+    """Regression: ``yolov5n-global_l1-unfused-s0.50`` once parsed as model ``yolov5n-global_l1``."""
+    assert contract.parse_run_name("yolov5n-global_l1-unfused-s0.50") == contract.RunName(
+        "yolov5n", "global_l1", False, "none", 0.5)
+    assert contract.parse_run_name("yolov5n-7-k5-l1_unstructured-unfused-bn-s0.30") == contract.RunName(
+        "yolov5n-7-k5", "l1_unstructured", False, "bn", 0.3)
+    assert contract.parse_run_name("yolov5x-l1_unstructured-s0.30") == contract.RunName(
+        "yolov5x", "l1_unstructured", True, "none", 0.3)
+    assert contract.parse_run_name("sweep-2026-12-01_10-00-00") is None
+    st = Store(tmp_path, empty_db)
+    st.sweep("old", [dict(model="yolov5n", method="l1_unstructured", s=0.0, params_logged=False),
+                     dict(model="yolov5n", method="l1_unstructured", s=0.5, recover="bn", params_logged=False)])
+    sel = Q.select_runs(st.uri, EXP, sweep="old")
+    df = T.normalize(Q.runs_frame(sel.runs))
+    assert set(df["model"]) == {"yolov5n"} and set(df["method"]) == {"l1_unstructured"}
+    assert sorted(df["recover"]) == ["bn", "none"] and sorted(df["target"]) == [0.0, 0.5]

@@ -26,14 +26,14 @@ TINY = ("model=yolov5n", "data=coco-val128", "data.limit=4", "eval.imgsz=320", "
     (4, [0, 1, 2, 3, 0, 1]),
 ])
 def test_gpu_for_job_spreads_jobs_round_robin_over_visible_gpus(device_count, expected):
-    from sweep.evaluate.loop import gpu_for_job
+    from sweep.evaluate.device import gpu_for_job
 
     assert [gpu_for_job(j, device_count) for j in range(6)] == expected
 
 
 @pytest.mark.parametrize("job_num,device_count", [(0, 0), (3, -1), (-1, 2)])
 def test_gpu_for_job_rejects_impossible_inputs(job_num, device_count):
-    from sweep.evaluate.loop import gpu_for_job
+    from sweep.evaluate.device import gpu_for_job
 
     with pytest.raises(ValueError):
         gpu_for_job(job_num, device_count)
@@ -42,7 +42,7 @@ def test_gpu_for_job_rejects_impossible_inputs(job_num, device_count):
 def test_auto_device_on_a_cpu_only_machine_ignores_the_job_number():
     import torch
 
-    from sweep.evaluate.loop import resolve_device
+    from sweep.evaluate.device import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the CPU fallback is not what runs here")

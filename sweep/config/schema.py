@@ -1,21 +1,19 @@
-"""Typed config schema, explicit registration, and job-start validation.
+"""Typed config schema: the one place every default lives, and its explicit registration.
 
-The YAML files under ``conf/`` are the data; these dataclasses are their types.
-``register_configs()`` puts the schemas into Hydra's ConfigStore; it is called by
-the entry point (and by tests) and never on import.
-
-Every range check lives in ``validate(cfg)`` and raises ``ConfigError`` with one
-message naming the key, the value and what is allowed.
+The YAML files under ``conf/`` select options and override values; they do not restate these
+defaults. ``register_configs()`` puts the schemas into Hydra's ConfigStore; the entry point (and
+tests) call it, never an import. What the values mean and which are allowed is checked once, by
+``sweep.config.resolve`` (the job spec), never by the components.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+
+from sweep.contract import DEFAULT_EXPERIMENT, DEFAULT_OUTPUTS
 
 
 class ConfigError(ValueError):
@@ -27,26 +25,28 @@ class ModelConfig:
     """Which pretrained checkpoint to evaluate.
 
     ``weights`` empty means ``<paths.cache>/weights/<name>.pt`` (downloaded from
-    ``url`` when missing). ``name`` is the label used in run names and plots.
+    ``url`` when missing). ``name`` is the label used in run names and plots. ``imgsz``: the
+    model's native evaluation size, used when ``eval.imgsz`` is not set (P6 models: 1280).
     """
 
-    name: str = MISSING
+    name: str = "yolov5s"
     weights: Optional[str] = None
     url: Optional[str] = None
+    imgsz: Optional[int] = None
 
 
 @dataclass
 class DataConfig:
     """A YOLO-format dataset (optionally with an official COCO annotations JSON).
 
-    ``path`` is the dataset root; ``val``/``train`` are image folders (or list
-    files) relative to it; labels live where ``/images/`` is replaced by ``/labels/``.
+    ``path`` is the dataset root (empty: ``<paths.cache>/datasets/<name>``); ``val``/``train``
+    are image folders (or list files) relative to it; labels live where ``/images/`` is replaced by ``/labels/``.
     ``yaml`` points at a YOLOv5 data yaml instead (``path``/``val``/``names`` read
     from it). ``limit`` keeps only the first N images (sorted by file name): for
     tests and smoke runs.
     """
 
-    name: str = MISSING
+    name: str = "coco"
     path: Optional[str] = None
     yaml: Optional[str] = None
     val: str = "images/val2017"
@@ -86,40 +86,50 @@ class RecoverConfig:
 class EvalConfig:
     """Evaluation settings, named as in YOLOv5 val.py (the tutorial ran iou=0.65)."""
 
-    imgsz: int = 640
+    imgsz: Optional[int] = None  # null: the model's native size (model.imgsz), else 640
     batch: int = 32
     conf: float = 0.001
     iou: float = 0.65
     max_det: int = 300
-    device: str = "auto"
-    half: Optional[bool] = None
-    backend: str = "faster"
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    half: Optional[bool] = None   # null: FP16 on CUDA, FP32 on CPU
+    backend: str = "faster"       # faster-coco-eval; pycocotools gives the same 12 numbers (tested)
     workers: int = 2
     save_json: bool = False
-    latency: bool = True
+    latency: bool = True          # latency on a synthetic input at batch 1 and batch `eval.batch`
     latency_iters: int = 10
     progress: bool = True
+    # keep freed host memory for reuse (glibc mallopt): CPU forward passes stop page-faulting their
+    # activations; the process keeps its peak memory (docs/benchmarks.md). Applied once per process.
     reuse_host_memory: bool = True
 
 
 @dataclass
 class MlflowConfig:
-    """Tracking. Empty ``tracking_uri`` -> $MLFLOW_TRACKING_URI, else sqlite under outputs/."""
+    """Tracking. Empty ``tracking_uri`` -> $MLFLOW_TRACKING_URI, else ``sqlite:///<abs outputs>/mlflow.db``
+    (artifacts in ``<abs outputs>/mlartifacts`` unless ``artifact_location`` is set)."""
 
     enabled: bool = True
     tracking_uri: Optional[str] = None
-    experiment: str = "yolov5-sparsity"
+    experiment: str = DEFAULT_EXPERIMENT
     artifact_location: Optional[str] = None
     retries: int = 3
 
 
 @dataclass
 class PathsConfig:
-    """``cache``: weights/datasets; ``preprocessed``: decoded-batch cache (null = none); ``outputs``: runs."""
+    """Where inputs come from and outputs go.
 
-    cache: str = MISSING
+    ``cache``: weights and datasets (null: ``$SWEEP_CACHE``, else ``$XDG_CACHE_HOME/yolov5-sparsity``,
+    else ``~/.cache/yolov5-sparsity``); read, and written only by downloads of missing files.
+    ``preprocessed``: the decoded-batch cache (null: ``preprocessed/`` in the per-user cache folder,
+    never under ``cache``, which may be a folder of read-only inputs; ``''``: no on-disk cache).
+    ``outputs``: runs, the default MLflow store and reports.
+    """
+
+    cache: Optional[str] = None
     preprocessed: Optional[str] = None
-    outputs: str = MISSING
+    outputs: str = DEFAULT_OUTPUTS
 
 
 @dataclass
@@ -137,54 +147,6 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (idempotent)."""
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="prune", name="prune_schema", node=PruneConfig)
-    cs.store(group="recover", name="recover_schema", node=RecoverConfig)
-
-
-def normalize_sparsity(value: Any) -> float:
-    """Return ``value`` as a float in [0, 1), rounded to 6 decimals (sweep-range float noise).
-
-    Raises ConfigError for strings, booleans, NaN, negatives and values >= 1.
-    """
-    allowed = "a number in [0, 1), e.g. 0, 0.3 or 0.5"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"sparsity={value!r} is not a number: allowed is {allowed}")
-    v = float(value)
-    if math.isnan(v) or not 0.0 <= v < 1.0:
-        raise ConfigError(f"sparsity={value!r} is out of range: allowed is {allowed}")
-    return round(v, 6)
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: allowed is {allowed}")
-
-
-def validate(cfg: DictConfig, stride: int = 32) -> None:
-    """Range checks run at job start, before any work. Normalises ``cfg.sparsity`` in place."""
-    sparsity = normalize_sparsity(cfg.sparsity)
-    OmegaConf.update(cfg, "sparsity", sparsity, force_add=True)
-    e = cfg.eval
-    _check(e.imgsz >= stride and e.imgsz % stride == 0, "eval.imgsz", e.imgsz,
-           f"a positive multiple of the model stride ({stride}), e.g. 320, 640")
-    _check(e.batch >= 1, "eval.batch", e.batch, "an integer >= 1")
-    for key in ("conf", "iou"):
-        v = e[key]
-        _check(0.0 <= v <= 1.0 and not math.isnan(v), f"eval.{key}", v, "a number in [0, 1]")
-    _check(e.max_det >= 1, "eval.max_det", e.max_det, "an integer >= 1")
-    _check(e.workers >= 0, "eval.workers", e.workers, "an integer >= 0")
-    _check(e.latency_iters >= 1, "eval.latency_iters", e.latency_iters, "an integer >= 1")
-    dev = str(e.device)
-    _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
-           "eval.device", dev, "auto, cpu, cuda or cuda:N")
-    if cfg.data.limit is not None:
-        _check(cfg.data.limit >= 1, "data.limit", cfg.data.limit, "an integer >= 1 or null")
-    _check(cfg.prune.round_to >= 1, "prune.round_to", cfg.prune.round_to, "an integer >= 1")
-    r = cfg.recover
-    _check(r.images >= 1, "recover.images", r.images, "an integer >= 1")
-    _check(r.batch >= 1, "recover.batch", r.batch, "an integer >= 1")
+    """Register the schema with Hydra's ConfigStore (idempotent). Only the top-level schema: it
+    types every group's node, and group-level entries would show up as choices (``model=model_schema``)."""
+    ConfigStore.instance().store(name="config_schema", node=Config)

@@ -514,6 +514,11 @@ class Dataset:
     def num_batches(self) -> int:
         return len(self.batch_shapes)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all decoded batches (uint8 ``[B, 3, H, W]`` each), known before decoding any."""
+        return sum(len(self.batch_indices(k)) * 3 * int(h) * int(w) for k, (h, w) in enumerate(self.batch_shapes))
+
     def batch_indices(self, k: int) -> np.ndarray:
         """File-order indices of the images of batch ``k``."""
         return self.order[k * self.batch_size:(k + 1) * self.batch_size]
@@ -644,6 +649,20 @@ def coco_ground_truth(dataset: Dataset) -> dict:
     categories = [{"id": i, "name": n, "supercategory": ""} for i, n in enumerate(names)]
     return {"info": {"description": f"YOLO labels of {dataset.source}"}, "licenses": [],
             "images": images, "annotations": anns, "categories": categories}
+
+
+def load_ground_truth(dataset: Dataset, annotations: str | Path | None = None) -> tuple[dict, int]:
+    """The COCO ground truth of ``dataset`` and its number of (non-crowd) instances.
+
+    ``annotations``: an official COCO JSON (its instances counted over the dataset's images); without
+    one, the ground truth is built from the YOLO labels (:func:`coco_ground_truth`).
+    """
+    if annotations is None:
+        gt = coco_ground_truth(dataset)
+        return gt, len(gt["annotations"])
+    gt = json.loads(Path(annotations).read_text())
+    ids = set(dataset.image_ids)
+    return gt, sum(1 for a in gt["annotations"] if a["image_id"] in ids and not a.get("iscrowd", 0))
 
 
 def load_data_yaml(path: str | Path) -> dict:

@@ -1,6 +1,9 @@
-"""Evaluate stage: the inference loop, val.py's NMS and box arithmetic, COCO evaluators, latency."""
+"""Evaluate stage: the inference loop, val.py's NMS and box arithmetic, COCO evaluators, latency, device."""
 
-from sweep.evaluate.coco import EVALUATORS, CocoEvaluator
-from sweep.evaluate.loop import measure_latency, resolve_device, run_inference
+from sweep.evaluate.coco import EVALUATORS, CocoEvaluator, CocoResult
+from sweep.evaluate.device import resolve_device
+from sweep.evaluate.latency import measure_latency
+from sweep.evaluate.loop import LoopResult, gc_paused, run_inference
 
-__all__ = ["EVALUATORS", "CocoEvaluator", "measure_latency", "resolve_device", "run_inference"]
+__all__ = ["EVALUATORS", "CocoEvaluator", "CocoResult", "LoopResult", "gc_paused", "measure_latency",
+           "resolve_device", "run_inference"]

@@ -1,7 +1,9 @@
-"""COCO bbox evaluation that accumulates detections (``update``) then computes (``compute``).
+"""COCO bbox evaluation, an evaluator that owns its format (``reset`` / ``process`` / ``evaluate``).
 
-The inference loop never touches pycocotools: it hands finished COCO result rows to an
-evaluator. Backends are a plain registry: ``EVALUATORS[name](ground_truth) -> evaluator``.
+The inference loop hands each batch's detections (boxes in original-image pixels) to
+``process``; the evaluator maps class indices to category ids, writes the result rows exactly as
+val.py's predictions JSON, and runs a COCO backend. Backends are a plain registry:
+``EVALUATORS[name](ground_truth, rows, image_ids) -> CocoResult``.
 
 - ``pycocotools``: the reference implementation val.py uses.
 - ``faster``: faster-coco-eval (C++ ``evaluateImg``/``accumulate``), same numbers, faster.
@@ -11,19 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+import torchvision
+
+from sweep.contract import COCO_METRICS
 
 log = logging.getLogger(__name__)
 
-STAT_NAMES = (
-    "mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
-    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
-)
+STAT_NAMES = COCO_METRICS
 
 
 @dataclass
@@ -36,30 +40,63 @@ class CocoResult:
     detections: int = 0
 
 
+def coco_rows(dets: torch.Tensor, image_id: int | str, class_map: Sequence[int]) -> list[dict]:
+    """COCO result rows of one image, exactly as val.py writes its predictions JSON.
+
+    ``dets``: ``[n, 6]`` (x1, y1, x2, y2, score, class) in original-image pixels.
+    ``bbox`` = xyxy -> (cx, cy, w, h) then ``xy -= wh / 2`` (computed in the dets' dtype, like
+    val.py, so it can differ from x1 in the last bit), each value ``round(v, 3)``;
+    ``score = round(s, 5)``; ``category_id = class_map[int(cls)]``.
+    """
+    box = torchvision.ops.box_convert(dets[:, :4], "xyxy", "cxcywh")
+    box[:, :2] -= box[:, 2:] / 2
+    return [{"image_id": image_id,
+             "category_id": class_map[int(p[5])],
+             "bbox": [round(v, 3) for v in b],
+             "score": round(p[4], 5)}
+            for p, b in zip(dets.tolist(), box.tolist())]
+
+
 @dataclass
 class CocoEvaluator:
-    """Accumulate COCO result rows, then evaluate them against ``ground_truth``.
+    """Collect detections as COCO result rows, then evaluate them against ``ground_truth``.
 
     ``ground_truth`` is a COCO-format dict (``images``, ``annotations``, ``categories``);
     ``image_ids`` restricts the evaluation to those images (val.py sets ``params.imgIds``
-    to the dataset's images); ``None`` means every image of the ground truth.
+    to the dataset's images; ``None``: every image of the ground truth); ``class_map`` maps a
+    class index to its category id (``None``: the identity).
     """
 
     ground_truth: dict[str, Any]
     backend: str = "pycocotools"
     image_ids: list[int | str] | None = None
+    class_map: Sequence[int] | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
 
-    def update(self, rows: list[dict[str, Any]]) -> None:
-        """Add result rows ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
-        self.rows.extend(rows)
+    def reset(self) -> None:
+        self.rows = []
 
-    def compute(self) -> CocoResult:
+    def process(self, batch: Any, detections: Sequence[torch.Tensor]) -> None:
+        """``detections[i]``: ``[n, 6]`` (x1, y1, x2, y2, score, class) for ``batch.image_ids[i]``."""
+        for dets, image_id in zip(detections, batch.image_ids):
+            classes = self.class_map if self.class_map is not None else _Identity()
+            self.rows.extend(coco_rows(dets, image_id, classes))
+
+    def predictions_json(self) -> str:
+        """The rows as val.py's ``*_predictions.json`` (call before :meth:`evaluate`: COCO's loadRes adds fields)."""
+        return json.dumps(self.rows)
+
+    def evaluate(self) -> CocoResult:
         ids = list(self.image_ids) if self.image_ids is not None else [im["id"] for im in self.ground_truth["images"]]
         if not self.rows:
             log.warning("no detections at all (every score below the threshold?): every COCO number is reported as 0")
             return CocoResult({k: 0.0 for k in STAT_NAMES}, _empty_per_class(self.ground_truth), "", 0)
         return EVALUATORS[self.backend](self.ground_truth, self.rows, ids)
+
+
+class _Identity:
+    def __getitem__(self, i: int) -> int:
+        return i
 
 
 def _run_cocoeval(coco_cls: Callable, eval_cls: Callable, gt: dict, rows: list[dict], ids: list) -> CocoResult:

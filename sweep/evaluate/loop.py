@@ -1,6 +1,7 @@
-"""The inference loop: preprocess -> forward -> NMS -> COCO rows, timed per stage like val.py.
+"""The inference loop: preprocess -> forward -> NMS -> boxes on the original images, timed per stage like val.py.
 
-It knows nothing about pycocotools: finished rows go to an evaluator's ``update``.
+It knows no dataset format: each batch's detections go to an evaluator's ``process`` (the evaluator
+owns class ids, rounding and the metrics, see ``sweep.evaluate.coco``).
 Per-image milliseconds follow val.py: ``ms_preprocess`` (host->device copy, dtype, /255),
 ``ms_inference`` (forward pass), ``ms_nms`` (non-maximum suppression), each summed over the
 dataset and divided by the number of images seen.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
-from sweep.evaluate.ops import coco_rows, nms_image, scale_boxes
+from sweep.evaluate.ops import nms_image, scale_boxes
 from sweep.evaluate.timing import sync
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,9 @@ class BatchLike(Protocol):
     ratio_pad: Sequence[tuple[tuple[float, float], tuple[float, float]]]  # ((gh, gw), (padw, padh))
 
 
-class Updatable(Protocol):
-    def update(self, rows: list[dict[str, Any]]) -> None: ...
+class Evaluator(Protocol):
+    def process(self, batch: BatchLike, detections: Sequence[torch.Tensor]) -> None:
+        """``detections[i]``: ``[n, 6]`` (x1, y1, x2, y2, score, class) in image i's original pixels."""
 
 
 @dataclass
@@ -47,43 +48,6 @@ class LoopResult:
     def per_image_ms(self) -> dict[str, float]:
         n = max(self.images, 1)
         return {f"ms_{k}": self.seconds[k] / n * 1e3 for k in ("preprocess", "inference", "nms")}
-
-
-def gpu_for_job(job_num: int, device_count: int) -> int:
-    """The CUDA index a job uses under ``eval.device=auto``: jobs spread round-robin over the visible GPUs.
-
-    With ``hydra/launcher=joblib`` and ``n_jobs`` equal to the number of GPUs, jobs dispatched
-    together (``k .. k+n_jobs-1``) land on different GPUs. The job number decides, not which GPU
-    is free: jobs of very different length can meet on one GPU while another idles.
-    """
-    if device_count < 1:
-        raise ValueError(f"device_count={device_count} is invalid: need at least one CUDA device")
-    if job_num < 0:
-        raise ValueError(f"job_num={job_num} is invalid: job numbers start at 0")
-    return job_num % device_count
-
-
-def resolve_device(device: str, half: bool | None, job_num: int = 0) -> tuple[torch.device, bool]:
-    """``auto`` -> CUDA when present (``cuda:<job_num % GPUs>``); ``half`` None -> FP16 on CUDA.
-
-    FP16 on CPU is refused with a warning. The index is chosen here, on the torch device;
-    CUDA_VISIBLE_DEVICES is never touched (a Slurm job with one GPU sees exactly that one).
-    """
-    if device == "auto":
-        dev = (torch.device("cuda", gpu_for_job(job_num, torch.cuda.device_count()))
-               if torch.cuda.is_available() else torch.device("cpu"))
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            from sweep.config.schema import ConfigError
-            raise ConfigError(f"eval.device={device!r} is invalid: no CUDA device is available here; "
-                              "allowed are auto or cpu")
-    if half is None:
-        half = dev.type == "cuda"
-    if half and dev.type != "cuda":
-        log.warning("eval.half=true is only supported on CUDA; evaluating in FP32 on %s", dev)
-        half = False
-    return dev, bool(half)
 
 
 @contextlib.contextmanager
@@ -117,12 +81,11 @@ def _nms_in_thread(x: torch.Tensor, conf: float, iou: float, max_det: int) -> to
 
 
 @torch.inference_mode()
-def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluator: Updatable, *,
+def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluator: Evaluator, *,
                   device: torch.device, half: bool, conf: float, iou: float, max_det: int,
-                  class_map: Sequence[int] | None = None, progress: Any = None) -> LoopResult:
-    """Run the model over ``batches`` and feed COCO result rows to ``evaluator``.
+                  progress: Any = None) -> LoopResult:
+    """Run the model over ``batches`` and hand each batch's detections to ``evaluator.process``.
 
-    ``class_map`` maps class index -> COCO category id (identity when None).
     ``progress`` is an optional tqdm-like object with ``update(n)``.
     The images of a batch go through NMS in parallel threads on the CPU (same results).
     """
@@ -149,13 +112,14 @@ def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluato
                 out = [nms_image(x, conf, iou, max_det) for x in pred]
             sync(device)
             t3 = time.perf_counter()
-            for dets, image_id, shape0, rp in zip(out, batch.image_ids, batch.shapes0, batch.ratio_pad):
+            detections = []
+            for dets, shape0, rp in zip(out, batch.shapes0, batch.ratio_pad):
                 # on the model's device, in FP32, as val.py does (CUDA division can differ from CPU's in the last bit)
                 dets = dets.float()
                 scale_boxes(dets[:, :4], rp, shape0)  # in place
-                rows = coco_rows(dets, image_id, class_map)
-                res.detections += len(rows)
-                evaluator.update(rows)
+                res.detections += len(dets)
+                detections.append(dets)
+            evaluator.process(batch, detections)
             t4 = time.perf_counter()
             n = len(batch.image_ids)
             res.images += n
@@ -166,30 +130,3 @@ def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluato
             if progress is not None:
                 progress.update(n)
     return res
-
-
-@torch.inference_mode()
-def measure_latency(model: torch.nn.Module, *, device: torch.device, half: bool, imgsz: int, batch: int,
-                    iters: int, warmup: int = 2) -> float:
-    """Median milliseconds of one forward pass on a fixed synthetic [batch, 3, imgsz, imgsz] input.
-
-    CUDA is timed with events; the CPU with ``perf_counter``.
-    """
-    dtype = torch.half if half else torch.float
-    x = torch.full((batch, 3, imgsz, imgsz), 0.5, device=device, dtype=dtype)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(x)
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(times))

@@ -102,20 +102,3 @@ def letterbox_boxes(boxes0: torch.Tensor, ratio_pad: RatioPad) -> torch.Tensor:
     out[:, [0, 2]] += padw
     out[:, [1, 3]] += padh
     return out
-
-
-def coco_rows(dets: torch.Tensor, image_id: int | str, class_map: Sequence[int]) -> list[dict]:
-    """COCO result rows of one image, exactly as val.py writes its predictions JSON.
-
-    ``dets``: ``[n, 6]`` (x1, y1, x2, y2, score, class) in original-image pixels.
-    ``bbox`` = xyxy -> (cx, cy, w, h) then ``xy -= wh / 2`` (computed in the dets' dtype, like
-    val.py, so it can differ from x1 in the last bit), each value ``round(v, 3)``;
-    ``score = round(s, 5)``; ``category_id = class_map[int(cls)]``.
-    """
-    box = torchvision.ops.box_convert(dets[:, :4], "xyxy", "cxcywh")
-    box[:, :2] -= box[:, 2:] / 2
-    return [{"image_id": image_id,
-             "category_id": class_map[int(p[5])],
-             "bbox": [round(v, 3) for v in b],
-             "score": round(p[4], 5)}
-            for p, b in zip(dets.tolist(), box.tolist())]

@@ -1,16 +1,15 @@
 """Pruning methods: a plain name -> function registry with one signature.
 
-Every entry of :data:`PRUNERS` is ``fn(model, sparsity, cfg) -> model``:
+Every entry of :data:`PRUNERS` is ``fn(model, sparsity, spec: PruneSpec) -> model``:
 
 - ``model`` is pruned **in place** (the caller hands a fresh ``copy.deepcopy`` of the
   pretrained model; nothing here copies it) and returned. ``channel`` also works in place
   (Torch-Pruning rewrites the layers of the same module tree).
-- ``sparsity`` is a number in [0, 1); 0 is a no-op for every method (the model is
-  returned untouched, not even re-parametrised).
-- ``cfg`` is any attribute object (the ``prune`` node of the Hydra config, a
-  :class:`sweep.config.schema.PruneConfig`, a ``SimpleNamespace``, a dict or ``None``); the keys
-  read are ``include``, ``exclude`` (glob patterns over module names, see
-  :func:`select_convs`), ``seed`` (``random``) and ``round_to`` (``channel``).
+- ``sparsity`` is a number in [0, 1), already checked and normalised by the job spec; 0 is a
+  no-op for every method (the model is returned untouched, not even re-parametrised).
+- ``spec`` is the job's :class:`sweep.config.spec.PruneSpec`; the fields read are ``include``,
+  ``exclude`` (glob patterns over module names, see :func:`select_convs`), ``seed``
+  (``random``) and ``round_to`` (``channel``).
 
 Masks are always made permanent (``torch.nn.utils.prune.remove``) before a function
 returns, so the model carries plain ``weight`` parameters with exact zeros.
@@ -27,7 +26,7 @@ Methods (what they zero or remove, and what speed-up to expect):
     spread (layers with small weights lose more). Dense zeros: no speed-up.
 ``random``
     ``round(sparsity * n)`` weights per selected layer chosen uniformly at random
-    (``prune.random_unstructured``), seeded from ``cfg.seed`` and the layer name (a
+    (``prune.random_unstructured``), seeded from ``spec.seed`` and the layer name (a
     layer's mask does not depend on which other layers are selected). The baseline.
 ``ln_structured``
     Whole output filters: per selected layer, the ``round(sparsity * out_channels)``
@@ -37,7 +36,7 @@ Methods (what they zero or remove, and what speed-up to expect):
 ``channel``
     Physical removal of output channels with Torch-Pruning's DepGraph
     (``torch_pruning.pruner.BasePruner``, ``MagnitudeImportance(p=2)``, local ratio
-    ``sparsity`` per layer group, channel counts rounded to multiples of ``cfg.round_to``,
+    ``sparsity`` per layer group, channel counts rounded to multiples of ``spec.round_to``,
     at least ``round_to`` channels kept). The Detect head's output convolutions are never
     pruned (outputs keep ``no = 5 + nc`` per anchor), nor are unselected layers or the
     layers coupled with them (e.g. both sides of a residual add).
@@ -47,12 +46,10 @@ Methods (what they zero or remove, and what speed-up to expect):
     0.2 keeps no box above objectness 0.25 on a COCO image); ``prune.fused=false`` plus
     BatchNorm recalibration (``recover``) brings detections back.
 
-Fused vs unfused order (``cfg.fused``): :func:`prune_model` does ``fuse -> prune``
-(True, the tutorial: the zeros are placed in the BN-folded weights) or ``prune -> fuse``
-(False: the raw conv weights are pruned; zeros survive fusion because folding BN only
-scales each output filter). The two steps are public (:func:`apply_pruning` and the
-caller's ``fuse_fn``) so a recovery step such as BatchNorm recalibration can run between
-them; ``prune_model(..., recover_fn=...)`` does exactly that.
+Fused vs unfused order (``spec.fused``) is the job's (``sweep.job.prune_and_recover``): ``fuse ->
+prune`` (the tutorial: the zeros are placed in the BN-folded weights) or ``prune -> recover ->
+fuse`` (the raw conv weights are pruned; zeros survive fusion because folding BN only scales each
+output filter).
 """
 
 from __future__ import annotations
@@ -61,36 +58,26 @@ import fnmatch
 import logging
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
-from sweep.config.schema import ConfigError, normalize_sparsity
+from sweep.config.schema import ConfigError
+from sweep.config.spec import PruneSpec
 
 logger = logging.getLogger(__name__)
 
-PrunerFn = Callable[[nn.Module, float, Any], nn.Module]
+PrunerFn = Callable[[nn.Module, float, PruneSpec], nn.Module]
 
 # The example input Torch-Pruning traces the graph with (a multiple of every YOLOv5 stride).
 CHANNEL_EXAMPLE_SHAPE = (1, 3, 256, 256)
 
 
 # --------------------------------------------------------------------------- config access
-
-
-def _opt(cfg: Any, key: str, default: Any) -> Any:
-    """``cfg.key`` for dataclasses, namespaces, DictConfig and plain dicts; default when absent/None."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
 
 
 def _patterns(value: Any, key: str) -> list[str]:
@@ -153,12 +140,11 @@ def select_convs(
     return selected
 
 
-def _selection(model: nn.Module, cfg: Any) -> "OrderedDict[str, nn.Conv2d]":
-    selected = select_convs(model, _opt(cfg, "include", []), _opt(cfg, "exclude", []))
+def _selection(model: nn.Module, spec: PruneSpec) -> "OrderedDict[str, nn.Conv2d]":
+    selected = select_convs(model, spec.include, spec.exclude)
     if not selected:
         raise ConfigError(
-            f"prune.include={list(_patterns(_opt(cfg, 'include', []), 'include'))!r} / "
-            f"prune.exclude={list(_patterns(_opt(cfg, 'exclude', []), 'exclude'))!r} select no "
+            f"prune.include={list(spec.include)!r} / prune.exclude={list(spec.exclude)!r} select no "
             "Conv2d: allowed is a selection of at least one layer"
         )
     return selected
@@ -224,13 +210,12 @@ def _seeded(device: torch.device, seed: int) -> Iterator[None]:
 # --------------------------------------------------------------------------- methods
 
 
-def _per_layer(model: nn.Module, sparsity: float, cfg: Any,
+def _per_layer(model: nn.Module, sparsity: float, spec: PruneSpec,
                prune_one: Callable[[str, nn.Conv2d, float], None]) -> nn.Module:
     """Apply ``prune_one(name, conv, sparsity)`` to every selected conv, then make its mask permanent."""
-    sparsity = normalize_sparsity(sparsity)
     if sparsity == 0:
         return model
-    for name, m in _selection(model, cfg).items():
+    for name, m in _selection(model, spec).items():
         order = _param_order(m)
         prune_one(name, m, sparsity)
         _make_permanent(m, order)
@@ -238,18 +223,17 @@ def _per_layer(model: nn.Module, sparsity: float, cfg: Any,
 
 
 @torch.no_grad()
-def l1_unstructured(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+def l1_unstructured(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
     """Per-layer L1 magnitude (the tutorial): ``round(sparsity * n)`` zeros in each selected conv."""
-    return _per_layer(model, sparsity, cfg, lambda _, m, s: tprune.l1_unstructured(m, "weight", amount=s))
+    return _per_layer(model, sparsity, spec, lambda _, m, s: tprune.l1_unstructured(m, "weight", amount=s))
 
 
 @torch.no_grad()
-def global_l1(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+def global_l1(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
     """One global L1 threshold: ``round(sparsity * N)`` zeros over all selected conv weights."""
-    sparsity = normalize_sparsity(sparsity)
     if sparsity == 0:
         return model
-    convs = list(_selection(model, cfg).values())
+    convs = list(_selection(model, spec).values())
     orders = [_param_order(m) for m in convs]
     tprune.global_unstructured(
         [(m, "weight") for m in convs], pruning_method=tprune.L1Unstructured, amount=sparsity
@@ -260,26 +244,26 @@ def global_l1(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
 
 
 @torch.no_grad()
-def random(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+def random(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
     """Random unstructured: ``round(sparsity * n)`` random zeros per selected conv, seeded.
 
-    Each layer's mask comes from a generator seeded with ``(cfg.seed, layer name)``; the
+    Each layer's mask comes from a generator seeded with ``(spec.seed, layer name)``; the
     global RNG state is saved and restored, so nothing leaks to the caller. Masks are
     reproducible for a given seed and device type (CPU and CUDA generators differ).
     """
-    seed = int(_opt(cfg, "seed", 0))
+    seed = spec.seed
 
     def one(name: str, m: nn.Conv2d, s: float) -> None:
         with _seeded(m.weight.device, _layer_seed(seed, name)):
             tprune.random_unstructured(m, "weight", amount=s)
 
-    return _per_layer(model, sparsity, cfg, one)
+    return _per_layer(model, sparsity, spec, one)
 
 
 @torch.no_grad()
-def ln_structured(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+def ln_structured(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
     """Zero the ``round(sparsity * out_channels)`` output filters of smallest L2 norm per conv."""
-    return _per_layer(model, sparsity, cfg, lambda _, m, s: tprune.ln_structured(m, "weight", amount=s, n=2, dim=0))
+    return _per_layer(model, sparsity, spec, lambda _, m, s: tprune.ln_structured(m, "weight", amount=s, n=2, dim=0))
 
 
 def _channel_pruner_class(round_to: int) -> type:
@@ -302,12 +286,45 @@ def _channel_pruner_class(round_to: int) -> type:
     return _RoundedPruner
 
 
-def channel(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
+def _channel_unsupported(model: nn.Module) -> list[str]:
+    """Layers whose channels cannot be removed consistently: grouped convolutions that are neither
+    dense nor depth-wise (removing channels would cut across their groups; e.g. MixConv2d, or a
+    DWConv whose input and output widths differ), and Contract/Expand, which reshape channels
+    into pixels and back."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.groups > 1 \
+                and not m.groups == m.in_channels == m.out_channels:
+            found.append(f"{name} ({type(m).__name__}, groups={m.groups}, {m.in_channels} -> {m.out_channels} "
+                         "channels: neither dense nor depth-wise)")
+        elif type(m).__name__ in ("Contract", "Expand"):
+            found.append(f"{name} ({type(m).__name__}: reshapes channels into pixels)")
+    return found
+
+
+def _channel_fixed_width(model: nn.Module) -> list[nn.Module]:
+    """Layers that keep their width: a transformer block's linear layers and attention (C3TR).
+    Its heads split the channels in order, so removing some would regroup the rest into other
+    heads; ignoring these layers keeps every channel group coupled to them intact."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention))]
+
+
+def _channel_check(model: nn.Module, example: torch.Tensor) -> None:
+    """A forward pass after pruning: shapes that no longer fit fail here, not later."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise RuntimeError(f"prune=channel left a model whose layers no longer fit together ({e}); "
+                           "this model cannot be channel-pruned") from e
+
+
+def channel(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
     """Remove output channels with Torch-Pruning (DepGraph, L2 magnitude, local ratio).
 
     ``sparsity`` is the fraction of output channels removed from each prunable layer group
     (Torch-Pruning keeps ``int(C * (1 - sparsity))``, then the kept count is rounded to the
-    nearest multiple of ``cfg.round_to``, at least one multiple: 16 channels at 0.3 keep
+    nearest multiple of ``spec.round_to``, at least one multiple: 16 channels at 0.3 keep
     8, 256 keep 176). The rounding override relies on ``BasePruner._round_to`` (present
     in torch-pruning 1.5/1.6; without it Torch-Pruning's floor rounding applies). Layers not selected by
     include/exclude and the Detect head's output convs keep their output channels (their
@@ -316,17 +333,20 @@ def channel(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
     """
     import torch_pruning as tp
 
-    sparsity = normalize_sparsity(sparsity)
     if sparsity == 0:
         return model
-    round_to = int(_opt(cfg, "round_to", 8))
-    if round_to < 1:
-        raise ConfigError(f"prune.round_to={round_to!r} is invalid: allowed is an integer >= 1")
-    selected = _selection(model, cfg)
+    round_to = spec.round_to
+    unsupported = _channel_unsupported(model)
+    if unsupported:
+        more = f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
+        raise ConfigError(f"prune=channel cannot remove channels around {unsupported[0]}{more}; the other "
+                          "methods (l1_unstructured, global_l1, random, ln_structured) work on this model")
+    selected = _selection(model, spec)
     chosen = {id(m) for m in selected.values()}
     heads = detect_head_convs(model)
     ignored = [m for m in model.modules() if isinstance(m, nn.Conv2d) and id(m) not in chosen]
     ignored += [m for m in heads if id(m) in chosen]
+    ignored += _channel_fixed_width(model)
 
     p = next(model.parameters())
     example = torch.zeros(CHANNEL_EXAMPLE_SHAPE, device=p.device, dtype=p.dtype)
@@ -341,8 +361,13 @@ def channel(model: nn.Module, sparsity: float, cfg: Any = None) -> nn.Module:
         ignored_layers=ignored,
         global_pruning=False,
     )
-    with torch.no_grad():
-        pruner.step()
+    try:
+        with torch.no_grad():
+            pruner.step()
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise RuntimeError(f"prune=channel failed inside Torch-Pruning ({type(e).__name__}: {e}); "
+                           "this model cannot be channel-pruned") from e
+    _channel_check(model, example)
     model.train(was_training)
     return model
 
@@ -354,57 +379,3 @@ PRUNERS: dict[str, PrunerFn] = {
     "ln_structured": ln_structured,
     "channel": channel,
 }
-
-
-# --------------------------------------------------------------------------- driver steps
-
-
-def get_pruner(method: str) -> PrunerFn:
-    """``PRUNERS[method]`` or a ConfigError listing the registered names."""
-    try:
-        return PRUNERS[method]
-    except (KeyError, TypeError):
-        raise ConfigError(
-            f"prune.method={method!r} is unknown: allowed is one of {', '.join(sorted(PRUNERS))}"
-        ) from None
-
-
-def apply_pruning(model: nn.Module, sparsity: float, cfg: Any) -> nn.Module:
-    """The prune step alone: ``PRUNERS[cfg.method](model, sparsity, cfg)``, masks permanent."""
-    method = _opt(cfg, "method", "l1_unstructured")
-    fn = get_pruner(method)
-    model = fn(model, sparsity, cfg)
-    if not is_permanent(model):  # pragma: no cover - every registered method removes masks
-        raise RuntimeError(f"pruning method {method!r} left masks on the model")
-    return model
-
-
-def prune_model(
-    model: nn.Module,
-    sparsity: float,
-    cfg: Any,
-    fuse_fn: Optional[Callable[[nn.Module], nn.Module]],
-    recover_fn: Optional[Callable[[nn.Module], nn.Module]] = None,
-) -> nn.Module:
-    """Prune ``model`` in the order ``cfg.fused`` names, returning the fused, pruned model.
-
-    ``cfg.fused`` true (default, the YOLOv5 tutorial): ``fuse_fn -> prune -> recover_fn``.
-    ``cfg.fused`` false: ``prune -> recover_fn -> fuse_fn`` (recovery such as BatchNorm
-    recalibration sees the unfused BN layers). ``fuse_fn=None`` skips fusion.
-    """
-    fused = bool(_opt(cfg, "fused", True))
-    method = _opt(cfg, "method", "l1_unstructured")
-    get_pruner(method)  # fail before any work on an unknown name
-    sparsity = normalize_sparsity(sparsity)
-    logger.info(
-        "pruning: method=%s sparsity=%.4g order=%s", method, sparsity,
-        "fuse->prune (prune.fused=true)" if fused else "prune->fuse (prune.fused=false)",
-    )
-    if fused and fuse_fn is not None:
-        model = fuse_fn(model)
-    model = apply_pruning(model, sparsity, cfg)
-    if recover_fn is not None:
-        model = recover_fn(model)
-    if not fused and fuse_fn is not None:
-        model = fuse_fn(model)
-    return model

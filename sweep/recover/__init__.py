@@ -1,5 +1,6 @@
 """Recover stage: accuracy recovery after pruning (registry ``RECOVERERS``) and its calibration images."""
 
-from sweep.recover.methods import RECOVERERS, Calibration, calibration_source
+from sweep.recover.calibration import Calibration, calibration_images
+from sweep.recover.methods import RECOVERERS, recalibrate_batchnorm
 
-__all__ = ["RECOVERERS", "Calibration", "calibration_source"]
+__all__ = ["RECOVERERS", "Calibration", "calibration_images", "recalibrate_batchnorm"]

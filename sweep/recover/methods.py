@@ -1,23 +1,16 @@
-"""Accuracy recovery after pruning, without labels: registry ``RECOVERERS``.
+"""Accuracy recovery after pruning: registry ``RECOVERERS``.
 
-A job calls ``RECOVERERS[cfg.recover.method](model, cfg, calibration)`` on the pruned,
-still UNFUSED model (before ``sweep.model.yolo.fuse``) and merges the returned dict into its
-metrics. Every recoverer has the one signature ``fn(model, cfg, calibration) -> dict[str, float]``
-and changes ``model`` in place; a new method is one more function and one more registry entry.
+A job calls ``RECOVERERS[spec.method](model, spec, calibration)`` on the pruned, still UNFUSED
+model (before ``sweep.model.fuse``) and merges the returned dict into its metrics. Every recoverer
+has the one signature ``fn(model, spec: RecoverSpec, calibration) -> dict[str, float]`` and
+changes ``model`` in place; a new method is one more function and one more registry entry.
 
 * ``none``: the tutorial; returns ``{}`` and touches nothing.
 * ``bn``: BatchNorm recalibration. Pruning shifts every layer's activation statistics, so the
   running mean/variance that BatchNorm (and, after fusion, the folded conv bias/scale) uses are
   stale. ``bn`` resets them and re-estimates them by forward passes in train mode, without
-  gradients, over unlabeled calibration images. Only BatchNorm buffers change: no parameter is
-  written, so pruned weights stay exactly zero.
-
-Calibration data (:func:`calibration_source`): ``recover.data`` (an image folder, a ``.txt`` image
-list, or a YOLOv5 dataset yaml whose ``train`` split is used), else the job's dataset ``train``
-split. Images are taken in sorted path order, the first ``recover.images`` of them, decoded and
-letterboxed exactly as for evaluation (``sweep.data.dataset``), but to a square ``eval.imgsz`` canvas
-(no rect batches: every batch has the same shape), ``recover.batch`` images per forward pass.
-Calibrating on the images being evaluated is refused unless ``recover.allow_eval_images=true``.
+  gradients, over unlabeled calibration images (``sweep.recover.calibration``). Only BatchNorm
+  buffers change: no parameter is written, so pruned weights stay exactly zero.
 
 Determinism: the image order and the batches are fixed, and the statistics are a cumulative
 average, so the result does not depend on anything but the inputs. Nondeterminism left: float
@@ -29,182 +22,26 @@ CUDA/cuDNN algorithm choices (last-bit differences in the statistics, typically 
 from __future__ import annotations
 
 import logging
-import os
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
-from sweep.assets import file_sha256
 from sweep.config.schema import ConfigError
+from sweep.config.spec import RecoverSpec
+from sweep.recover.calibration import ALLOWED_SOURCES, Calibration
 
 log = logging.getLogger(__name__)
 
-DATASET_CONFIG_SUFFIXES = (".yaml", ".yml")
-ALLOWED_SOURCES = ("an image folder, a .txt list of images, or a YOLOv5 dataset yaml with a 'train' split "
-                   "(e.g. recover.data=<cache>/datasets/coco128-calib/images/train2017)")
-
-
-@dataclass
-class Calibration:
-    """Unlabeled calibration images, ready to iterate as square letterboxed batches.
-
-    ``files``: the images used, in iteration order (sorted by path). ``source``: where they came
-    from (for messages). Batches are decoded lazily by :meth:`batches` (``uint8 [B, 3, imgsz,
-    imgsz]`` RGB, on the CPU); the recoverer moves them to ``device``.
-    """
-
-    files: list[str]
-    source: str
-    imgsz: int
-    batch: int
-    device: torch.device
-    dataset: Any = field(repr=False, default=None)  # sweep.data.dataset.Dataset (rect=False, labels=False)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def batches(self) -> Iterator[torch.Tensor]:
-        for b in self.dataset.iter_batches():
-            yield b.images
-
-
-RecovererFn = Callable[[nn.Module, DictConfig, "Calibration | None"], dict[str, float]]
-
-
-# --------------------------------------------------------------------------- calibration data
-
-
-def _source(cfg: DictConfig) -> tuple[Any, str]:
-    """The calibration source (path or list of paths) and the config key it came from."""
-    r = cfg.recover
-    if r.get("data"):
-        p = Path(str(r.data)).expanduser()
-        if p.suffix.lower() in DATASET_CONFIG_SUFFIXES:
-            from sweep.data.dataset import DataError, load_data_yaml
-
-            try:
-                y = load_data_yaml(p)
-            except DataError as e:
-                raise ConfigError(f"recover.data={str(r.data)!r}: {e}; allowed is {ALLOWED_SOURCES}") from None
-            if not y.get("train"):
-                raise ConfigError(f"recover.data={str(r.data)!r}: the dataset yaml has no 'train' split; "
-                                  f"allowed is {ALLOWED_SOURCES}")
-            return y["train"], "recover.data"
-        return str(p), "recover.data"
-    d = cfg.data
-    if d.get("yaml"):
-        from sweep.data.dataset import load_data_yaml
-
-        train = load_data_yaml(Path(str(d.yaml)).expanduser()).get("train")
-        if train:
-            return train, "data.yaml train"
-    elif d.get("train"):
-        train = d.train
-        root = Path(str(d.path)).expanduser() if d.get("path") else Path(".")
-        if isinstance(train, (str, Path)):
-            t = Path(str(train)).expanduser()
-            return str(t if t.is_absolute() else root / t), "data.train"
-        return [str(Path(str(t)).expanduser() if Path(str(t)).expanduser().is_absolute() else root / str(t))
-                for t in train], "data.train"
-    raise ConfigError(f"recover.method={cfg.recover.method!r} needs calibration images, but recover.data is empty "
-                      f"and data {cfg.data.get('name')!r} has no train split: set recover.data to "
-                      f"{ALLOWED_SOURCES}")
-
-
-def eval_overlap(calibration_files: list[str], eval_files: list[str]) -> list[tuple[str, str]]:
-    """Pairs (calibration image, evaluation image) that are the same image.
-
-    Same image = same resolved path, or same size and (same file name or same content hash).
-    Only files whose sizes match are hashed, so this stays cheap for large evaluation sets.
-    """
-    by_size: dict[int, list[str]] = {}
-    calib_real: dict[str, str] = {}
-    for f in calibration_files:
-        real = os.path.realpath(f)
-        calib_real[real] = f
-        by_size.setdefault(os.path.getsize(f), []).append(f)
-    hashes: dict[str, str] = {}
-
-    def digest(p: str) -> str:
-        if p not in hashes:
-            hashes[p] = file_sha256(p)
-        return hashes[p]
-
-    pairs = []
-    for e in eval_files:
-        real = os.path.realpath(e)
-        if real in calib_real:
-            pairs.append((calib_real[real], e))
-            continue
-        try:
-            size = os.path.getsize(e)
-        except OSError:
-            continue
-        for c in by_size.get(size, ()):
-            if os.path.basename(c) == os.path.basename(e) or digest(c) == digest(e):
-                pairs.append((c, e))
-                break
-    return pairs
-
-
-def calibration_source(cfg: DictConfig, eval_files: Sequence[str], device: Any) -> Calibration | None:
-    """The calibration images for ``cfg.recover`` (None for ``recover.method=none``).
-
-    Source: ``recover.data`` (relative paths are relative to the working directory; a ``.yaml``/
-    ``.yml`` file is a YOLOv5 dataset yaml and its ``train`` split is used), else the dataset's
-    train split (``data.train``, relative to ``data.path``; or the ``train`` of ``data.yaml``).
-    The first ``recover.images`` files in sorted path order are taken; an unreadable one among
-    them is skipped with a warning (not replaced), so ``recover_images`` can be smaller.
-
-    ``eval_files``: the paths of the evaluated images. ``device``: where the recoverer runs the
-    forward passes. Raises
-    ConfigError when there is no source, when it has no usable image, and when a calibration image
-    is also an evaluation image (unless ``recover.allow_eval_images=true``).
-    """
-    if cfg.recover.method == "none":
-        return None
-    from sweep.data.dataset import DataError, Dataset
-
-    src, key = _source(cfg)
-    r = cfg.recover
-    imgsz, batch, n = int(cfg.eval.imgsz), int(r.batch), int(r.images)
-    shown = src if isinstance(src, str) else ", ".join(map(str, src))
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = Dataset(src, imgsz=imgsz, batch=batch, rect=False, labels=False, limit=n,
-                         workers=int(cfg.eval.get("workers", 2)))
-        for w in caught:
-            log.warning("calibration data %s: %s", shown, w.message)
-    except DataError as e:
-        raise ConfigError(f"{key}={shown!r} gives no calibration images ({e}); allowed is {ALLOWED_SOURCES}") from None
-    if len(ds) < n:
-        log.warning("calibration: %d images requested (recover.images) but %s has %d usable; using %d", n, shown,
-                    len(ds), len(ds))
-    pairs = eval_overlap(ds.files, list(eval_files))
-    if pairs and not r.allow_eval_images:
-        c, e = pairs[0]
-        raise ConfigError(
-            f"{key}={shown!r}: {len(pairs)} calibration image(s) are also evaluation images (e.g. {c} is {e}); "
-            "calibrating on the evaluated images inflates the result. Allowed: calibration images disjoint from "
-            "the evaluation set (set recover.data), or recover.allow_eval_images=true to do it anyway")
-    if pairs:
-        log.warning("calibration: %d of %d images are evaluation images (recover.allow_eval_images=true)",
-                    len(pairs), len(ds))
-    return Calibration(list(ds.files), shown, imgsz, batch, torch.device(device), ds)
+RecovererFn = Callable[[nn.Module, RecoverSpec, "Calibration | None"], dict[str, float]]
 
 
 # --------------------------------------------------------------------------- recoverers
 
 
-def no_recovery(model: nn.Module, cfg: DictConfig, calibration: Calibration | None) -> dict[str, float]:
+def no_recovery(model: nn.Module, spec: RecoverSpec, calibration: Calibration | None) -> dict[str, float]:
     """``recover=none``: leave the model as it is."""
     return {}
 
@@ -255,7 +92,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Any, device: Any = None) ->
     return seen
 
 
-def bn_recalibration(model: nn.Module, cfg: DictConfig, calibration: Calibration | None) -> dict[str, float]:
+def bn_recalibration(model: nn.Module, spec: RecoverSpec, calibration: Calibration | None) -> dict[str, float]:
     """``recover=bn``: BatchNorm recalibration on the calibration images (see the module doc)."""
     if calibration is None:
         raise ConfigError("recover.method='bn' needs calibration images: set recover.data to "

@@ -13,6 +13,8 @@ from typing import Optional, Union
 
 import pandas as pd
 
+from sweep import contract
+
 from . import figures as F
 from . import pdf as P
 from . import query as Q
@@ -206,9 +208,10 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
              F.metric_panel("gflops", "Compute", "GFLOPs per image", from_zero=True),
              F.metric_panel("params_nonzero", "Non-zero parameters", "non-zero parameters (millions)",
                             scale=1e-6, from_zero=True)]
-    for name, title, ylabel in (("latency_b1_ms", "Latency, batch 1", "latency (ms / image, batch 1)"),
-                                ("latency_b32_ms_per_image", "Latency, batch 32",
-                                 "latency (ms / image, batch 32)")):
+    latency = [(contract.LATENCY_B1, "Latency, batch 1", "latency (ms / image, batch 1)")]
+    for b in sorted({b for c in df.columns if (b := contract.latency_batch_of(c[len("metrics."):])) is not None}):
+        latency.append((contract.latency_batch_metric(b), f"Latency, batch {b}", f"latency (ms / image, batch {b})"))
+    for name, title, ylabel in latency:
         if metric(name) in df.columns and df[metric(name)].notna().any():
             speed.append(F.metric_panel(name, title, ylabel, from_zero=True))
     # cost does not depend on recovery: one curve per (model, method), the unrecovered run preferred

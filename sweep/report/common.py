@@ -1,25 +1,23 @@
-"""Names shared by the report modules: the error type, defaults and the metric vocabulary."""
+"""Names shared by the report modules: the error type, the report's files and defaults.
+
+Metric names, tag keys, the experiment name and the default store come from ``sweep.contract``.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-DEFAULT_EXPERIMENT = "yolov5-sparsity"
-ALL = "all"  # sweep="all": every finished job run of the experiment
+from sweep.contract import DEFAULT_EXPERIMENT, DEFAULT_OUTPUTS, tracking_uri
 
-COCO_METRICS = ("mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
-                "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
-SPEED_METRICS = ("ms_preprocess", "ms_inference", "ms_nms")  # per image
-COST_METRICS = ("sparsity_target", "sparsity", "sparsity_global", "params", "params_nonzero",
-                "gflops", "size_mb", "size_mb_compressed")
-LATENCY_METRICS = ("latency_b1_ms", "latency_b32_ms_per_image")
-METRIC_ORDER = COCO_METRICS + SPEED_METRICS + ("images", "instances") + COST_METRICS + LATENCY_METRICS
+ALL = "all"  # sweep="all": every finished job run of the experiment
 
 # Files one report consists of (sensitivity.png only for per-layer sweeps).
 REPORT_FILES = ("accuracy_vs_sparsity.png", "retention_vs_sparsity.png", "speed_vs_sparsity.png",
                 "pareto.png", "sensitivity.png", "report.pdf", "results.csv", "results.md")
 ARTIFACT_DIR = "report"
+
+__all__ = ["ALL", "ARTIFACT_DIR", "DEFAULT_EXPERIMENT", "REPORT_FILES", "ReportError", "default_out_root",
+           "default_tracking_uri", "metric", "param"]
 
 
 class ReportError(RuntimeError):
@@ -27,15 +25,12 @@ class ReportError(RuntimeError):
 
 
 def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the project's default store ``sqlite:///<abs cwd>/outputs/mlflow.db``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{(Path.cwd() / 'outputs' / 'mlflow.db').resolve()}"
+    """$MLFLOW_TRACKING_URI, else the job's default store ``sqlite:///<abs cwd>/outputs/mlflow.db``."""
+    return tracking_uri(None, DEFAULT_OUTPUTS)
 
 
 def default_out_root() -> Path:
-    return (Path.cwd() / "outputs" / "reports").resolve()
+    return (Path.cwd() / DEFAULT_OUTPUTS / "reports").resolve()
 
 
 def metric(name: str) -> str:

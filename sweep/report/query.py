@@ -19,13 +19,12 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
-from .common import ALL, METRIC_ORDER, ReportError
+from sweep import contract
+from sweep.contract import ROLE_JOB, ROLE_PARENT, TAG_PARENT_RUN, TAG_ROLE, TAG_SWEEP_ID
+
+from .common import ALL, ReportError
 
 log = logging.getLogger(__name__)
-
-ROLE = "sweep.role"
-PARENT_TAG = "mlflow.parentRunId"
-
 
 @dataclass
 class Selection:
@@ -95,7 +94,7 @@ def search_all(client, experiment_ids: list[str], filter_string: str = "",
 
 
 def _role(run) -> Optional[str]:
-    return run.data.tags.get(ROLE)
+    return run.data.tags.get(TAG_ROLE)
 
 
 def _jobs(runs: Iterable) -> list:
@@ -103,9 +102,9 @@ def _jobs(runs: Iterable) -> list:
     out = []
     for r in runs:
         role = _role(r)
-        if role == "parent":
+        if role == ROLE_PARENT:
             continue
-        if role == "job" or "model.name" in r.data.params:
+        if role == ROLE_JOB or "model.name" in r.data.params:
             out.append(r)
     return out
 
@@ -121,13 +120,13 @@ def _experiment(client, name: str):
 
 def _parents(client, experiment_id: str, extra_filter: str = "", max_results: Optional[int] = None) -> list:
     """Sweep parent runs (tag ``sweep.role=parent``), most recent first; ``extra_filter`` is and-ed."""
-    filter_string = f"tags.`{ROLE}` = 'parent'" + (f" and {extra_filter}" if extra_filter else "")
+    filter_string = f"tags.`{TAG_ROLE}` = '{ROLE_PARENT}'" + (f" and {extra_filter}" if extra_filter else "")
     return search_all(client, [experiment_id], filter_string, order_by=["attributes.start_time DESC"],
                       max_results=max_results)
 
 
 def _recent_sweeps(client, experiment_id: str, n: int = 5) -> list[str]:
-    return [p.data.tags.get("sweep_id", p.info.run_id) for p in _parents(client, experiment_id, max_results=n)]
+    return [p.data.tags.get(TAG_SWEEP_ID, p.info.run_id) for p in _parents(client, experiment_id, max_results=n)]
 
 
 def _members(client, eid: str, sweep_id: Optional[str], parent_id: Optional[str]) -> tuple[list, int]:
@@ -136,22 +135,22 @@ def _members(client, eid: str, sweep_id: Optional[str], parent_id: Optional[str]
     Members: children of the parent run, runs tagged ``sweep_id=<id>``, and FINISHED runs of earlier
     sweeps that this sweep skipped as already done (resume by config hash tags them
     ``also_in_sweep.<id>=true``). With a sweep id the children need no search of their own: a job is
-    only nested under the parent of its own ``sweep_id`` (sweep/app.py), so the tag search finds them.
+    only nested under the parent of its own ``sweep_id`` (sweep/job.py), so the tag search finds them.
     """
     found: dict[str, object] = {}
     if parent_id and not sweep_id:
-        for r in search_all(client, [eid], f"tags.`{PARENT_TAG}` = '{parent_id}'"):
+        for r in search_all(client, [eid], f"tags.`{TAG_PARENT_RUN}` = '{parent_id}'"):
             found[r.info.run_id] = r
     reused = []
     if sweep_id:
         q = _quote(sweep_id)
         if q is not None and "`" not in sweep_id:
-            tagged = search_all(client, [eid], f"tags.sweep_id = {q}")
-            also = search_all(client, [eid], f"tags.`also_in_sweep.{sweep_id}` = 'true'")
+            tagged = search_all(client, [eid], f"tags.{TAG_SWEEP_ID} = {q}")
+            also = search_all(client, [eid], f"tags.`{contract.also_in_sweep_tag(sweep_id)}` = 'true'")
         else:  # an id the filter syntax cannot quote: filter in Python
             every = search_all(client, [eid])
-            tagged = [r for r in every if r.data.tags.get("sweep_id") == sweep_id]
-            also = [r for r in every if r.data.tags.get(f"also_in_sweep.{sweep_id}") == "true"]
+            tagged = [r for r in every if r.data.tags.get(TAG_SWEEP_ID) == sweep_id]
+            also = [r for r in every if r.data.tags.get(contract.also_in_sweep_tag(sweep_id)) == "true"]
         for r in tagged:
             found[r.info.run_id] = r
         for r in also:
@@ -178,7 +177,7 @@ def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
         except MlflowException as e:
             raise ReportError(f"parent run {parent_run_id!r} not found in {tracking_uri}") from e
         exp = client.get_experiment(parent.info.experiment_id)
-        sweep_id = parent.data.tags.get("sweep_id")
+        sweep_id = parent.data.tags.get(TAG_SWEEP_ID)
         jobs, reused = _members(client, exp.experiment_id, sweep_id, parent_run_id)
         mode, eid = "parent", exp.experiment_id
     else:
@@ -190,17 +189,17 @@ def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
         if sweep is None:
             latest = _parents(client, eid, max_results=1)
             if not latest:
-                raise ReportError(f"experiment {exp.name!r} has no sweep parent runs (tag {ROLE}=parent); "
+                raise ReportError(f"experiment {exp.name!r} has no sweep parent runs (tag {TAG_ROLE}={ROLE_PARENT}); "
                                   f"pass --sweep ID, --parent-run-id ID or --all")
             parent, mode = latest[0], "latest"
-            sweep_id = parent.data.tags.get("sweep_id")
+            sweep_id = parent.data.tags.get(TAG_SWEEP_ID)
         else:
             mode, sweep_id = "sweep", sweep
             q = _quote(sweep)
             if q is not None:
                 parents = _parents(client, eid, f"tags.sweep_id = {q}")
             else:
-                parents = [r for r in _parents(client, eid) if r.data.tags.get("sweep_id") == sweep]
+                parents = [r for r in _parents(client, eid) if r.data.tags.get(TAG_SWEEP_ID) == sweep]
             parent = parents[0] if parents else None
             if len(parents) > 1:
                 notes.append(f"{len(parents)} parent runs carry sweep_id={sweep}; attached to the latest "
@@ -236,19 +235,20 @@ def runs_frame(runs: list) -> pd.DataFrame:
             "status": r.info.status,
             "start_time": _ts(r.info.start_time),
             "end_time": _ts(r.info.end_time),
-            "parent_run_id": r.data.tags.get(PARENT_TAG),
+            "parent_run_id": r.data.tags.get(TAG_PARENT_RUN),
         }
         row.update({f"params.{k}": v for k, v in r.data.params.items()})
         row.update({f"metrics.{k}": float(v) for k, v in r.data.metrics.items()})
         row.update({f"tags.{k}": v for k, v in r.data.tags.items()
-                    if not k.startswith(("mlflow.", "also_in_sweep."))})
+                    if not (k.startswith("mlflow.") or contract.is_also_in_sweep_tag(k))})
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     fixed = ["run_id", "run_name", "status", "start_time", "end_time", "parent_run_id"]
     rest = sorted(c for c in df.columns if c not in fixed)
-    rank = {f"metrics.{m}": i for i, m in enumerate(METRIC_ORDER)}  # the metrics.json order first
+    names = [c[len("metrics."):] for c in df.columns if c.startswith("metrics.")]
+    rank = {f"metrics.{m}": i for i, m in enumerate(contract.metric_order(names))}  # the metrics.json order first
     metrics = sorted((c for c in rest if c.startswith("metrics.")), key=lambda c: (rank.get(c, len(rank)), c))
     order = ([c for c in rest if c.startswith("params.")] + metrics + [c for c in rest if c.startswith("tags.")])
     return df[fixed + order]

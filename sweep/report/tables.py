@@ -18,11 +18,12 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
+from sweep.contract import parse_run_name
+
 from .common import metric, param
 
 OUTCOME = {"FINISHED": "ok", "FAILED": "failed", "KILLED": "killed",
            "RUNNING": "incomplete", "SCHEDULED": "incomplete"}
-_RUN_NAME = re.compile(r"^(?P<model>.+)-(?P<method>[^-]+)-s(?P<sparsity>[0-9.]+)$")
 _SIZES = "nsmlx"
 
 
@@ -109,15 +110,17 @@ def normalize(raw: pd.DataFrame) -> pd.DataFrame:
     def col(name: str) -> pd.Series:
         return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
 
-    names = df["run_name"].fillna("").astype(str).map(lambda s: _RUN_NAME.match(s))
-    df["model"] = [p if not _missing(p) else (m.group("model") if m else "?")
-                   for p, m in zip(col(param("model.name")), names)]
-    df["method"] = [p if not _missing(p) else (m.group("method") if m else "?")
-                    for p, m in zip(col(param("prune.method")), names)]
-    df["recover"] = [str(v) if not _missing(v) else "none" for v in col(param("recover.method"))]
-    df["fused"] = [str(v) if not _missing(v) else "?" for v in col(param("prune.fused"))]
-    target = [parse_float(p) if not _missing(p) else (parse_float(m.group("sparsity")) if m else float("nan"))
-              for p, m in zip(col(param("sparsity")), names)]
+    names = df["run_name"].fillna("").astype(str).map(parse_run_name)  # the fallback when params are missing
+    df["model"] = [p if not _missing(p) else (n.model if n else "?")
+                   for p, n in zip(col(param("model.name")), names)]
+    df["method"] = [p if not _missing(p) else (n.method if n else "?")
+                    for p, n in zip(col(param("prune.method")), names)]
+    df["recover"] = [str(v) if not _missing(v) else (n.recover if n else "none")
+                     for v, n in zip(col(param("recover.method")), names)]
+    df["fused"] = [str(v) if not _missing(v) else (str(n.fused) if n else "?")
+                   for v, n in zip(col(param("prune.fused")), names)]
+    target = [parse_float(p) if not _missing(p) else (n.sparsity if n else float("nan"))
+              for p, n in zip(col(param("sparsity")), names)]
     df["target"] = pd.Series(target, index=df.index, dtype=float)
     if metric("sparsity_target") in df.columns:
         df["target"] = df["target"].fillna(df[metric("sparsity_target")])

@@ -1,5 +1,5 @@
 """Track stage: MLflow runs (parent per sweep, child per job) and the Hydra sweep callback."""
 
-from sweep.track.tracker import Tracker, TrackingError
+from sweep.track.tracker import Tracker, TrackingError, environment_tags
 
-__all__ = ["Tracker", "TrackingError"]
+__all__ = ["Tracker", "TrackingError", "environment_tags"]

@@ -18,22 +18,25 @@
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from sweep import contract
+from sweep.config.resolve import resolve_tracking
+from sweep.config.schema import ConfigError
+from sweep.contract import Outcome
+from sweep.track.tracker import Tracker, TrackingError, environment_tags
 
 log = logging.getLogger(__name__)
 
 
-def _tracker(config: DictConfig) -> Any:
-    from sweep.track.tracker import Tracker
-
-    return Tracker.from_config(config)
+def _tracker(config: DictConfig) -> Tracker:
+    return Tracker.from_spec(resolve_tracking(config))
 
 
 LOST = "lost: its process ended without an outcome (killed by a signal or the out-of-memory killer?)"
@@ -41,51 +44,47 @@ LOST = "lost: its process ended without an outcome (killed by a signal or the ou
 
 def _job_name(job_dir: Path) -> str:
     """The run name of a job from the config Hydra saved in its folder."""
-    from omegaconf import OmegaConf
-
-    from sweep.job import run_name
-
     try:
-        return run_name(OmegaConf.load(job_dir / ".hydra" / "config.yaml"))
+        c = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+        return contract.run_name(str(c.model.name), str(c.prune.method), bool(c.prune.fused), str(c.recover.method),
+                                 float(c.sparsity))
     except Exception:  # noqa: BLE001 - a name for the table only
         return f"job {job_dir.name}"
 
 
-def read_outcomes(sweep_dir: Path) -> list[dict[str, Any]]:
+def read_outcomes(sweep_dir: Path) -> list[Outcome]:
     """Outcomes of the jobs of one sweep, in job order. A job that started (Hydra wrote its
     ``.hydra/``) but left no ``outcome.json`` is reported ``failed`` with the reason ``LOST``."""
     out = []
     jobs = [p for p in sweep_dir.iterdir() if p.is_dir()] if sweep_dir.is_dir() else []
     for job in sorted(jobs, key=lambda p: (len(p.name), p.name)):  # 0, 1, ..., 10 (subdir is the job number)
-        f = job / "outcome.json"
         try:
-            d = json.loads(f.read_text())
+            o = Outcome.load(job)
         except (OSError, ValueError):
             if not (job / ".hydra").is_dir():
                 continue
-            d = {"status": "failed", "name": _job_name(job), "reason": LOST}
-        d["job"] = job.name
-        out.append(d)
+            o = Outcome("failed", _job_name(job), reason=LOST, job=job.name)
+        out.append(o)
     return out
 
 
-def summary_table(outcomes: list[dict[str, Any]]) -> str:
+def summary_table(outcomes: list[Outcome]) -> str:
     lines = [f"{'job':>4}  {'status':<8} {'run':<44} {'mAP50-95':>8} {'AR100':>6}  reason"]
     for o in outcomes:
-        m = o.get("metrics") or {}
+        m = o.metrics
         ap = f"{m['mAP50-95']:.4f}" if "mAP50-95" in m else "-"
         ar = f"{m['AR100']:.3f}" if "AR100" in m else "-"
-        lines.append(f"{o['job']:>4}  {o['status']:<8} {o['name']:<44} {ap:>8} {ar:>6}  {o.get('reason', '')}")
+        lines.append(f"{o.job:>4}  {o.status:<8} {o.name:<44} {ap:>8} {ar:>6}  {o.reason}")
     c = _counts(outcomes)
     lines.append(f"sweep: {c['jobs_done']} done, {c['jobs_skipped']} skipped, {c['jobs_failed']} failed")
     return "\n".join(lines)
 
 
-def _counts(outcomes: list[dict[str, Any]]) -> dict[str, int]:
-    return {f"jobs_{s}": sum(o["status"] == s for o in outcomes) for s in ("done", "skipped", "failed")}
+def _counts(outcomes: list[Outcome]) -> dict[str, int]:
+    return {f"jobs_{s}": sum(o.status == s for o in outcomes) for s in contract.STATUSES}
 
 
-def _summarize(sweep_dir: Path) -> list[dict[str, Any]]:
+def _summarize(sweep_dir: Path) -> list[Outcome]:
     """Print the sweep's done / skipped / failed table and save it as ``summary.txt``; the outcomes."""
     outcomes = read_outcomes(sweep_dir)
     table = summary_table(outcomes)
@@ -108,9 +107,6 @@ class SweepCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         if not config.mlflow.enabled:
             return
-        from sweep.job import environment_tags
-        from sweep.track.tracker import TrackingError
-
         sweep_id = Path(str(config.hydra.sweep.dir)).name
         try:
             tracker = _tracker(config)
@@ -119,17 +115,16 @@ class SweepCallback(Callback):
             if existing is not None:
                 self.parent_run_id = existing.info.run_id
                 return
-            tags = environment_tags() | {"sweep_id": sweep_id, "sweep.role": "parent",
-                                         "overrides": " ".join(config.hydra.overrides.task),
-                                         "sweep_dir": str(Path(str(config.hydra.sweep.dir)).resolve())}
+            tags = environment_tags() | {
+                contract.TAG_SWEEP_ID: sweep_id, contract.TAG_ROLE: contract.ROLE_PARENT,
+                contract.TAG_OVERRIDES: " ".join(contract.redact(o) for o in config.hydra.overrides.task),
+                contract.TAG_SWEEP_DIR: str(Path(str(config.hydra.sweep.dir)).resolve())}
             self.parent_run_id = tracker.start_run(f"sweep-{sweep_id}", tags)
-        except TrackingError as exc:
+        except (TrackingError, ConfigError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         except Exception as exc:  # noqa: BLE001 - Hydra would only warn and run the sweep untracked
-            from sweep.track.tracker import resolve_store
-
-            print(f"error: the MLflow store {resolve_store(config)[0]} failed at sweep start "
+            print(f"error: the MLflow store {contract.redact(resolve_tracking(config).uri)} failed at sweep start "
                   f"({type(exc).__name__}: {exc}); no job was run", file=sys.stderr)
             sys.exit(2)
         log.info("sweep %s: MLflow parent run %s in %s", sweep_id, self.parent_run_id, tracker.uri)
@@ -140,13 +135,16 @@ class SweepCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_id = sweep_dir.name
         outcomes = _summarize(sweep_dir)
-        failed = sum(o["status"] == "failed" for o in outcomes)
+        failed = sum(o.status == "failed" for o in outcomes)
         if config.mlflow.enabled and self.parent_run_id:
             try:
                 tracker = _tracker(config)
                 tracker.log(self.parent_run_id, tags=_counts(outcomes))
                 tracker.log_artifacts(self.parent_run_id, [sweep_dir / "summary.txt"])
-                tracker.end(self.parent_run_id, "FINISHED")
+                if failed:  # the runs table must not show a sweep with failed jobs as a success
+                    tracker.fail(self.parent_run_id, f"{failed} of {len(outcomes)} job(s) failed")
+                else:
+                    tracker.end(self.parent_run_id, "FINISHED")
                 if config.report:
                     self._report(config, tracker, sweep_id)
             except Exception as exc:  # noqa: BLE001 - best effort after the jobs ran
@@ -171,17 +169,19 @@ class SweepCallback(Callback):
             if tracker.client.get_run(self.parent_run_id).info.status == "RUNNING":  # Ctrl-C marked it KILLED
                 tracker.log(self.parent_run_id, tags=_counts(outcomes))
                 tracker.fail(self.parent_run_id, "aborted: the launcher stopped before every job reported")
-            closed = tracker.close_orphans(f"tags.sweep_id = '{sweep_dir.name}'", this_process_ended=True)
-            log.info("sweep %s aborted: parent run FAILED, %d job run(s) left RUNNING by dead processes ended FAILED",
-                     sweep_dir.name, len(closed))
+            closed = tracker.close_orphans(f"tags.{contract.TAG_SWEEP_ID} = '{sweep_dir.name}'",
+                                           this_process_ended=True)
+            status = tracker.client.get_run(self.parent_run_id).info.status  # KILLED after Ctrl-C, else FAILED
+            log.info("sweep %s aborted: parent run %s, %d job run(s) left RUNNING by dead processes ended FAILED",
+                     sweep_dir.name, status, len(closed))
         except Exception as exc:  # noqa: BLE001 - we are exiting anyway
             log.error("could not close the aborted sweep's MLflow runs: %s", exc)
 
     def _report(self, config: DictConfig, tracker: Any, sweep_id: str) -> None:
         try:
-            from sweep.report import build_report
-
             out_root = Path(config.paths.outputs) / "reports"
+            from sweep.report import build_report  # the report's plotting stack loads only when a report is made
+
             path = build_report(tracker.uri, config.mlflow.experiment, out_root=out_root,
                                 parent_run_id=self.parent_run_id)
             log.info("report: %s", path)

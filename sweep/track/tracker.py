@@ -1,26 +1,26 @@
 """MLflow tracking through an explicit ``MlflowClient`` (no fluent global active run).
 
-- Store: ``mlflow.tracking_uri`` > $MLFLOW_TRACKING_URI > ``sqlite:///<abs outputs>/mlflow.db``
-  with artifacts under ``<abs outputs>/mlartifacts`` (both set explicitly: MLflow's own
-  defaults depend on the working directory).
-- One parent run per multirun (tags ``sweep_id``, ``sweep.role=parent``), one child run per job
-  (tags ``sweep_id``, ``sweep.role=job``, ``config_hash``; nested via ``mlflow.parentRunId``).
+- Store: the job spec's :class:`sweep.config.spec.TrackSpec` (resolved once: ``mlflow.tracking_uri``
+  > $MLFLOW_TRACKING_URI > ``sqlite:///<abs outputs>/mlflow.db``, see ``sweep.contract``).
+- One parent run per multirun, one child run per job; tag keys are ``sweep.contract``'s.
 - Every client call is retried a bounded number of times (SQLite "database is locked" under
   concurrent writers, a tracking server that blinks), then fails with ``TrackingError``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+
+from sweep.config.spec import TrackSpec
+from sweep.contract import ROLE_PARENT, TAG_CONFIG_HASH, TAG_ERROR, TAG_HOST, TAG_PID, TAG_ROLE, TAG_SWEEP_ID
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,35 +30,6 @@ PARAM_MAX_LEN = 6000
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be reached or keeps refusing writes."""
-
-
-def resolve_store(cfg: DictConfig) -> tuple[str, str | None]:
-    """(tracking URI, artifact location for a new experiment) from the config and environment."""
-    outputs = Path(cfg.paths.outputs).expanduser().resolve()
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    artifacts = cfg.mlflow.artifact_location
-    if not uri:
-        uri = f"sqlite:///{outputs / 'mlflow.db'}"
-        artifacts = artifacts or (outputs / "mlartifacts").as_uri()
-    return str(uri), artifacts
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_hash(semantic: dict[str, Any]) -> str:
-    """Stable 16-hex-digit hash of the settings that determine a job's numbers."""
-    blob = json.dumps(semantic, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -79,23 +50,15 @@ class Tracker:
         self.uri = tracking_uri
         self.retries = max(0, int(retries))
         self.backoff = backoff
-        if tracking_uri.startswith(("http://", "https://")):
-            # MLflow's HTTP client retries a refused connection for minutes on its own (7 retries,
-            # exponential backoff): with our retries on top a dropped server would stall a job for
-            # a quarter of an hour. This class is the one bounded retry layer (unless the user set these).
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         self.check_reachable()
         with _store_creation_lock(tracking_uri):
             self.client = MlflowClient(tracking_uri=tracking_uri)
             self.experiment_id = self._call(self._get_or_create_experiment, experiment, artifact_location)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, retries: int | None = None) -> "Tracker":
-        """The tracker for ``cfg.mlflow`` (store resolved by :func:`resolve_store`)."""
-        uri, artifacts = resolve_store(cfg)
-        return cls(uri, cfg.mlflow.experiment, artifacts,
-                   retries=cfg.mlflow.retries if retries is None else retries)
+    def from_spec(cls, spec: TrackSpec, retries: int | None = None) -> "Tracker":
+        return cls(spec.uri, spec.experiment, spec.artifact_location,
+                   retries=spec.retries if retries is None else retries)
 
     # -- plumbing ---------------------------------------------------------------------------
     def check_reachable(self, timeout: float = 5.0) -> None:
@@ -153,11 +116,11 @@ class Tracker:
 
     def finished_run(self, config_hash_: str) -> Any | None:
         """The most recent FINISHED run with this config hash, or None."""
-        runs = self.search(f"tags.config_hash = '{config_hash_}' and attributes.status = 'FINISHED'", 1)
+        runs = self.search(f"tags.{TAG_CONFIG_HASH} = '{config_hash_}' and attributes.status = 'FINISHED'", 1)
         return runs[0] if runs else None
 
     def parent_run(self, sweep_id: str) -> Any | None:
-        runs = self.search(f"tags.sweep_id = '{sweep_id}' and tags.`sweep.role` = 'parent'", 1)
+        runs = self.search(f"tags.{TAG_SWEEP_ID} = '{sweep_id}' and tags.`{TAG_ROLE}` = '{ROLE_PARENT}'", 1)
         return runs[0] if runs else None
 
     # -- writes -----------------------------------------------------------------------------
@@ -193,7 +156,7 @@ class Tracker:
 
     def fail(self, run_id: str, reason: str) -> None:
         """End a run FAILED with ``reason`` in its ``error`` tag."""
-        self.log(run_id, tags={"error": reason})
+        self.log(run_id, tags={TAG_ERROR: reason})
         self.end(run_id, "FAILED")
 
     def close_orphans(self, where: str = "", this_process_ended: bool = False) -> list[str]:
@@ -204,10 +167,10 @@ class Tracker:
         tag, are left alone: their process may still be running. Returns the closed run ids.
         """
         host = platform.node()
-        flt = f"attributes.status = 'RUNNING' and tags.host = '{host}'" + (f" and {where}" if where else "")
+        flt = f"attributes.status = 'RUNNING' and tags.{TAG_HOST} = '{host}'" + (f" and {where}" if where else "")
         closed = []
         for run in self.search(flt):
-            pid = run.data.tags.get("pid", "")
+            pid = run.data.tags.get(TAG_PID, "")
             if not pid.isdigit():
                 continue
             own = int(pid) == os.getpid()
@@ -220,6 +183,25 @@ class Tracker:
             log.warning("ended FAILED %d run(s) left RUNNING by dead processes of this host (tag error=orphaned...): %s",
                         len(closed), ", ".join(closed))
         return closed
+
+
+def environment_tags() -> dict[str, str]:
+    tags = {
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "None",
+        "python": platform.python_version(),
+        TAG_HOST: platform.node(),
+        TAG_PID: str(os.getpid()),  # with host: lets a later sweep close the run if this process dies
+    }
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+        if commit:
+            tags["git_commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
 
 
 def process_alive(pid: int) -> bool:
@@ -259,11 +241,3 @@ def _is_number(v: Any) -> bool:
 def _chunks(items: list, n: int) -> Iterable[list]:
     for i in range(0, len(items), n):
         yield items[i:i + n]
-
-
-def resolved_params(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config flattened to dotted keys (hydra internals excluded)."""
-    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    assert isinstance(container, dict)
-    container.pop("hydra", None)
-    return flatten(container)

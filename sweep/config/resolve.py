@@ -1,0 +1,321 @@
+"""Resolve once: the composed Hydra config -> a frozen :class:`JobSpec`, before any MLflow run exists.
+
+Every check of the user's input lives here and raises one error whose message names the key, the
+value and what is allowed (``ConfigError``; ``AssetError``/``DataError``/``CheckpointError`` for
+files). The pre-flight also opens the checkpoint, scans the dataset's labels and checks the
+calibration images (through the process memo, so the job does not repeat it), so input errors never
+leave a FAILED run behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from sweep import assets, contract
+from sweep.config.schema import ConfigError
+from sweep.config.spec import (DataSpec, EvalSpec, JobSpec, ModelSpec, PruneSpec, RecoverSpec, Source,
+                               TrackSpec)
+from sweep.data import DataError, load_data_yaml
+from sweep.evaluate.coco import EVALUATORS
+from sweep.evaluate.device import resolve_device
+from sweep.model import is_fused, load_checkpoint
+from sweep.prune import PRUNERS, select_convs
+from sweep.recover import RECOVERERS
+from sweep.recover.calibration import ALLOWED_SOURCES
+
+DEFAULT_IMGSZ = 640
+DATASET_CONFIG_SUFFIXES = (".yaml", ".yml")
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: allowed is {allowed}")
+
+
+def normalize_sparsity(value: Any) -> float:
+    """``value`` as a float in [0, 1), rounded to 6 decimals (sweep-range float noise).
+
+    Raises ConfigError for strings, booleans, NaN, negatives and values that are 1 or round to 1.
+    """
+    allowed = "a number in [0, 1), e.g. 0, 0.3 or 0.5"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"sparsity={value!r} is not a number: allowed is {allowed}")
+    v = float(value)
+    if math.isnan(v) or not 0.0 <= round(v, 6) < 1.0:
+        raise ConfigError(f"sparsity={value!r} is out of range: allowed is {allowed} (at most 0.999999)")
+    return round(v, 6)
+
+
+# ------------------------------------------------------------------------------- plain values
+
+
+def _container(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain data; a mandatory value left unset (``???``) is a ConfigError naming it."""
+    if "hydra" in cfg:  # Hydra's own node has run-time interpolations (hydra.job.num) that need not resolve here
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", "") or "?"
+        hint = " (e.g. model.weights=/path/to/best.pt)" if key == "model.weights" else ""
+        raise ConfigError(f"{key} is not set: allowed is a value for it{hint}") from None
+    assert isinstance(c, dict)
+    c.pop("hydra", None)
+    return c
+
+
+def _check_values(c: Mapping[str, Any]) -> None:
+    e = c["eval"]
+    if e["imgsz"] is not None:
+        _check(isinstance(e["imgsz"], int) and e["imgsz"] >= 32 and e["imgsz"] % 32 == 0, "eval.imgsz", e["imgsz"],
+               "a positive multiple of the model stride (32), e.g. 320, 640")
+    _check(e["batch"] >= 1, "eval.batch", e["batch"], "an integer >= 1")
+    for key in ("conf", "iou"):
+        v = e[key]
+        _check(0.0 <= v <= 1.0 and not math.isnan(v), f"eval.{key}", v, "a number in [0, 1]")
+    _check(e["max_det"] >= 1, "eval.max_det", e["max_det"], "an integer >= 1")
+    _check(e["workers"] >= 0, "eval.workers", e["workers"], "an integer >= 0")
+    _check(e["latency_iters"] >= 1, "eval.latency_iters", e["latency_iters"], "an integer >= 1")
+    dev = str(e["device"])
+    _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+           "eval.device", dev, "auto, cpu, cuda or cuda:N")
+    if c["data"]["limit"] is not None:
+        _check(c["data"]["limit"] >= 1, "data.limit", c["data"]["limit"], "an integer >= 1 or null")
+    _check(c["prune"]["round_to"] >= 1, "prune.round_to", c["prune"]["round_to"], "an integer >= 1")
+    r = c["recover"]
+    _check(r["images"] >= 1, "recover.images", r["images"], "an integer >= 1")
+    _check(r["batch"] >= 1, "recover.batch", r["batch"], "an integer >= 1")
+    _check(c["mlflow"]["retries"] >= 0, "mlflow.retries", c["mlflow"]["retries"], "an integer >= 0")
+    for key, value, registry in (("prune.method", c["prune"]["method"], PRUNERS),
+                                 ("recover.method", r["method"], RECOVERERS),
+                                 ("eval.backend", e["backend"], EVALUATORS)):
+        if value not in registry:
+            raise ConfigError(f"{key}={value!r} is unknown: allowed are {', '.join(sorted(registry))}")
+    if r["method"] != "none" and c["prune"]["fused"]:
+        raise ConfigError(f"recover.method={r['method']!r} needs prune.fused=false (recovery works on the "
+                          "unfused model's BatchNorm layers, before fusion); prune.fused=true is not allowed with it")
+
+
+# ------------------------------------------------------------------------------- paths
+
+
+def _outputs(c: Mapping[str, Any]) -> Path:
+    out = Path(str(c["paths"]["outputs"])).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"paths.outputs={str(out)!r} is a file: allowed is a folder (existing or to be created)")
+    return out
+
+
+def preprocessed_dir(value: str | None) -> Path | None:
+    """``paths.preprocessed``: null -> the per-user cache folder's ``preprocessed/``; '' -> no disk cache."""
+    if value is None:
+        return assets.default_cache_dir() / "preprocessed"
+    return Path(value).expanduser() if str(value).strip() else None
+
+
+def _model(c: Mapping[str, Any], cache: Path, memo: Any) -> ModelSpec:
+    m = c["model"]
+    if not m.get("weights") and m["name"] == "custom":
+        raise ConfigError("model.weights is not set: model=custom needs model.weights=/path/to/best.pt")
+    weights = assets.resolve_weights(str(m["name"]), cache, m.get("weights"), m.get("url"),
+                                     verify=load_checkpoint)
+    return ModelSpec(str(m["name"]), weights, memo.sha256(weights))
+
+
+def _join(root: Path, spec: Any) -> Source:
+    """Absolute image source(s): relative entries are relative to ``root``; an absolute one stays."""
+    if isinstance(spec, (list, tuple)):
+        return tuple(str(root / Path(str(s)).expanduser()) for s in spec)
+    return str(root / Path(str(spec)).expanduser())
+
+
+def _exists_all(source: Source) -> list[str]:
+    return [p for p in ((source,) if isinstance(source, str) else source) if not Path(p).exists()]
+
+
+def resolve_data(c: Mapping[str, Any], cache: Path) -> DataSpec:
+    """``c['data']`` (plain config data) -> paths on disk; a configured dataset missing from the cache is downloaded."""
+    d = c["data"]
+    if d.get("yaml"):
+        try:
+            y = load_data_yaml(Path(str(d["yaml"])).expanduser())
+        except DataError as e:
+            raise DataError(f"data.yaml={str(d['yaml'])!r}: {e}") from None
+        if not y.get("val"):
+            raise DataError(f"data.yaml={str(d['yaml'])!r} has no 'val' split: allowed is a YOLOv5 data yaml "
+                            "with path, val and names")
+        spec = DataSpec(str(d["name"]), Path(y["path"]), _as_source(y["val"]),
+                        _as_source(y["train"]) if y.get("train") else None, None, False,
+                        tuple(y["names"]), d.get("limit"))
+    else:
+        root = Path(str(d["path"])).expanduser() if d.get("path") else assets.dataset_path(cache, str(d["name"]))
+        if not root.is_dir() and d.get("download"):
+            if root.resolve() != assets.dataset_path(cache, str(d["name"])).resolve():
+                raise DataError(f"data.path={str(root)!r}: missing, and a download goes only into the cache "
+                                f"({assets.dataset_path(cache, str(d['name']))})")
+            assets.ensure_dataset(str(d["name"]), cache, d["download"])
+        if not root.is_dir():
+            raise DataError(f"data.path={str(root)!r}: the dataset folder does not exist; allowed is an existing "
+                            "folder with images/ and labels/ (set SWEEP_CACHE or paths.cache, or data.path)")
+        ann = root / str(d["annotations"]) if d.get("annotations") else None
+        if ann is not None and not ann.is_file():
+            raise DataError(f"data.annotations={str(d['annotations'])!r}: {ann} does not exist")
+        spec = DataSpec(str(d["name"]), root, _join(root, d["val"]),
+                        _join(root, d["train"]) if d.get("train") else None, ann, bool(d["coco80_to_91"]),
+                        tuple(d["names"]) if d.get("names") else None, d.get("limit"))
+    missing = _exists_all(spec.val)
+    if missing:
+        raise DataError(f"data.val={str(d.get('val') or spec.val)!r}: {missing[0]} does not exist; allowed is an "
+                        f"images folder or list file under data.path={str(spec.root)!r}")
+    return spec
+
+
+def _as_source(value: Any) -> Source:
+    return tuple(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def resolve_recover(c: Mapping[str, Any], data: DataSpec) -> RecoverSpec:
+    """``c['recover']`` with its calibration source: ``recover.data`` (an image folder, a ``.txt`` list, or a
+    YOLOv5 data yaml's ``train`` split; relative to the working directory), else the dataset's train split."""
+    r = c["recover"]
+    source, key = _calibration_source(r, c["data"], data)
+    return RecoverSpec(str(r["method"]), source, key, int(r["images"]), int(r["batch"]), bool(r["allow_eval_images"]))
+
+
+def _calibration_source(r: Mapping[str, Any], data_cfg: Mapping[str, Any], data: DataSpec) -> tuple[Source | None, str]:
+    if r["method"] == "none":
+        return None, ""
+    if r.get("data"):
+        p = Path(str(r["data"])).expanduser()
+        if p.suffix.lower() in DATASET_CONFIG_SUFFIXES:
+            try:
+                y = load_data_yaml(p)
+            except DataError as e:
+                raise ConfigError(f"recover.data={str(r['data'])!r}: {e}; allowed is {ALLOWED_SOURCES}") from None
+            if not y.get("train"):
+                raise ConfigError(f"recover.data={str(r['data'])!r}: the dataset yaml has no 'train' split; "
+                                  f"allowed is {ALLOWED_SOURCES}")
+            return _as_source(y["train"]), "recover.data"
+        return str(p), "recover.data"
+    if data.train is not None:
+        return data.train, "data.yaml train" if data_cfg.get("yaml") else "data.train"
+    raise ConfigError(f"recover.method={r['method']!r} needs calibration images, but recover.data is empty "
+                      f"and data {data.name!r} has no train split: set recover.data to {ALLOWED_SOURCES}")
+
+
+def resolve_tracking(cfg: DictConfig | Mapping[str, Any]) -> TrackSpec:
+    """The tracking store of ``cfg.mlflow``: URI > $MLFLOW_TRACKING_URI > the default sqlite store under outputs."""
+    c = cfg if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig) else _container(cfg)  # type: ignore[arg-type]
+    m = c["mlflow"]
+    outputs = _outputs(c)
+    uri = contract.tracking_uri(m.get("tracking_uri"), outputs)
+    scheme = urlparse(uri).scheme.split("+", 1)[0]
+    if scheme and len(scheme) > 1 and scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"mlflow.tracking_uri={contract.redact(uri)!r} is invalid: allowed are "
+                          f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} URIs or a local folder")
+    artifacts = m.get("artifact_location")
+    if not artifacts and uri == contract.default_store(outputs)[0]:
+        artifacts = contract.default_store(outputs)[1]
+    return TrackSpec(bool(m["enabled"]), uri, str(m["experiment"]), artifacts, int(m["retries"]))
+
+
+# ------------------------------------------------------------------------------- the job
+
+
+def semantic_config(c: Mapping[str, Any], weights_sha256: str, device: torch.device, half: bool,
+                    sparsity: float) -> dict[str, Any]:
+    """The settings that determine a job's numbers (hashed into ``config_hash``).
+
+    At sparsity 0 (and no recovery) every pruning method is the same dense model, so the pruning
+    options are left out: a dense point is evaluated once per model and data.
+    """
+    prune = {k: v for k, v in c["prune"].items() if k != "save"}
+    dense = sparsity == 0.0 and c["recover"]["method"] == "none"
+    recover = c["recover"] if c["recover"]["method"] != "none" else {"method": "none"}
+    e = c["eval"]
+    data = {k: c["data"].get(k) for k in ("name", "val", "annotations", "limit", "coco80_to_91")}
+    if c["data"].get("yaml"):
+        data["yaml"] = str(Path(c["data"]["yaml"]).resolve())
+    return {
+        "weights_sha256": weights_sha256,
+        "data": data,
+        "prune": None if dense else prune,
+        "recover": recover,
+        "sparsity": sparsity,
+        "eval": {k: e[k] for k in ("imgsz", "batch", "conf", "iou", "max_det")} | {"device": device.type, "half": half},
+    }
+
+
+def config_hash(semantic: Mapping[str, Any]) -> str:
+    """Stable 16-hex-digit hash of the settings that determine a job's numbers."""
+    return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
+    """The whole pre-flight of one job. ``memo`` (:class:`sweep.memo.ProcessMemo`) keeps what it opens
+    (checkpoint, dataset scan, calibration images) for the job and for later jobs of the process."""
+    c = _container(cfg)
+    _check_values(c)
+    sparsity = normalize_sparsity(c["sparsity"])
+    _outputs(c)  # a file where the outputs folder should be is refused before any work
+    track = resolve_tracking(c)
+    device, half = resolve_device(str(c["eval"]["device"]), c["eval"]["half"], job_num)
+    cache = assets.cache_root(c["paths"]["cache"])
+    model = _model(c, cache, memo)
+    ckpt = memo.checkpoint(model.weights, model.sha256)
+    imgsz = c["eval"]["imgsz"] or c["model"].get("imgsz") or DEFAULT_IMGSZ
+    stride = int(ckpt.stride.max())
+    _check(imgsz % stride == 0 and imgsz >= stride, "eval.imgsz", imgsz,
+           f"a positive multiple of the model stride ({stride}), e.g. {stride * 10}, {stride * 20}")
+    data = resolve_data(c, cache)
+    if data.names is not None and len(data.names) != len(ckpt.names):
+        raise ConfigError(f"model.weights={str(model.weights)!r} has {len(ckpt.names)} classes but data "
+                          f"{data.name!r} names {len(data.names)}: allowed is a checkpoint trained on this dataset's "
+                          "classes")
+    p = c["prune"]
+    prune = PruneSpec(str(p["method"]), bool(p["fused"]), tuple(p["include"] or ()), tuple(p["exclude"] or ()),
+                      int(p["seed"]), int(p["round_to"]), bool(p["save"]))
+    select_convs(ckpt.model, prune.include, prune.exclude)  # a pattern that matches nothing is refused now
+    recover = resolve_recover(c, data)
+    if recover.method != "none" and is_fused(ckpt.model):
+        raise ConfigError(f"recover.method={recover.method!r} needs BatchNorm layers, but model.weights="
+                          f"{str(model.weights)!r} was saved already fused (no BatchNorm left): allowed is an unfused "
+                          "checkpoint (e.g. the official release or train.py's best.pt), or recover=none")
+    e = c["eval"]
+    evaluation = EvalSpec(int(imgsz), int(e["batch"]), float(e["conf"]), float(e["iou"]), int(e["max_det"]),
+                          str(device), half, str(e["backend"]), int(e["workers"]), bool(e["save_json"]),
+                          bool(e["latency"]), int(e["latency_iters"]), bool(e["progress"]),
+                          preprocessed_dir(c["paths"]["preprocessed"]))
+    eval_data = memo.eval_data(data, evaluation, stride, ckpt.names, model.weights)  # scans every label now
+    memo.calibration(recover, evaluation, eval_data.files, device)  # refuses evaluation images now
+
+    c["sparsity"] = sparsity
+    c["eval"] |= {"imgsz": evaluation.imgsz, "device": str(device), "half": half}
+    c["model"] |= {"weights": str(model.weights), "sha256": model.sha256}
+    c["paths"] |= {"cache": str(cache), "preprocessed": str(evaluation.preprocessed or "")}
+    c["mlflow"] |= {"tracking_uri": contract.redact(track.uri)}  # params, config.yaml: never a password
+    chash = config_hash(semantic_config(c, model.sha256, device, half, sparsity))
+    name = contract.run_name(model.name, prune.method, prune.fused, recover.method, sparsity)
+    return JobSpec(model, data, prune, recover, evaluation, track, sparsity, bool(c["resume"]), name, chash,
+                   flatten(c), OmegaConf.to_yaml(OmegaConf.create(c)))

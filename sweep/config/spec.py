@@ -1,0 +1,107 @@
+"""The resolved job: typed, frozen specs that components take instead of the raw config.
+
+``sweep.config.resolve.resolve_job`` builds a :class:`JobSpec` from the composed Hydra config
+once, before any MLflow run exists: every value checked, every path resolved (and a missing
+official file downloaded), sparsity normalised. Each component receives only its own part
+(``PruneSpec`` for a pruner, ``RecoverSpec`` for a recoverer, ``TrackSpec`` for the tracker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+Source = str | tuple[str, ...]  # an images folder, a .txt list file, or several of them (absolute paths)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str                 # label in run names and plots
+    weights: Path             # the checkpoint file (exists)
+    sha256: str
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A dataset on disk. ``val``/``train``: absolute image folders or list files."""
+
+    name: str
+    root: Path
+    val: Source
+    train: Source | None = None
+    annotations: Path | None = None   # official COCO JSON (the ground truth) when present
+    coco80_to_91: bool = False
+    names: tuple[str, ...] | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    method: str
+    fused: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+    round_to: int = 8
+    save: bool = False
+
+
+@dataclass(frozen=True)
+class RecoverSpec:
+    """``source``: the calibration images (None for ``none``); ``source_key``: the config key it came from."""
+
+    method: str = "none"
+    source: Source | None = None
+    source_key: str = ""
+    images: int = 128
+    batch: int = 32
+    allow_eval_images: bool = False
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    imgsz: int = 640
+    batch: int = 32
+    conf: float = 0.001
+    iou: float = 0.65
+    max_det: int = 300
+    device: str = "cpu"       # resolved: cpu | cuda:N
+    half: bool = False        # resolved: FP16 only on CUDA
+    backend: str = "faster"
+    workers: int = 2
+    save_json: bool = False
+    latency: bool = True
+    latency_iters: int = 10
+    progress: bool = True
+    preprocessed: Path | None = None  # on-disk decoded-batch cache folder, None: decode every time
+
+
+@dataclass(frozen=True)
+class TrackSpec:
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = ""
+    artifact_location: str | None = None
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: ModelSpec
+    data: DataSpec
+    prune: PruneSpec
+    recover: RecoverSpec
+    eval: EvalSpec
+    track: TrackSpec
+    sparsity: float            # normalised: [0, 1), 6 decimals
+    resume: bool
+    run_name: str
+    config_hash: str           # of the settings that determine the numbers (resume key)
+    params: Mapping[str, Any] = field(default_factory=dict)  # the flattened resolved config, for MLflow
+    config_yaml: str = ""      # the resolved config as YAML (an artifact)
+
+    @property
+    def dense(self) -> bool:
+        """Sparsity 0 without recovery: every pruning method gives the same dense model."""
+        return self.sparsity == 0.0 and self.recover.method == "none"
