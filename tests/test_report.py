@@ -39,7 +39,7 @@ DECAY = {"l1_unstructured": (0.9, 2.5), "random_unstructured": (1.6, 1.4), "bn_s
 
 def job_metrics(model: str, method: str, s: float, imgsz: int = 640, half: bool = False,
                 recover: str = "none", layer: int | None = None) -> dict[str, float]:
-    d = DENSE[model]
+    d = DENSE.get(model, DENSE["yolov5s"])  # a custom checkpoint: yolov5s-like numbers
     k, p = DECAY[method]
     if layer is not None:  # one layer pruned: small, layer-dependent drop
         k = k * (0.05 + 0.02 * (layer % 5))
@@ -106,7 +106,8 @@ class Store:
     def job(self, eid: str, sweep_id: str, pid: str | None, start: int, model: str, method: str, s: float,
             recover: str = "none", data: str = "coco-val128", imgsz: int = 640, half: bool = False,
             include: list[str] | None = None, status: str = "FINISHED", drop: tuple[str, ...] = (),
-            device: str = "Intel Xeon CPU", batch: int = 32, params_logged: bool = True) -> str:
+            device: str = "Intel Xeon CPU", batch: int = 32, params_logged: bool = True,
+            weights: str | None = None, limit: int | None = None, extra: dict | None = None) -> str:
         include = include or []
         tags = {"sweep_id": sweep_id, "sweep.role": "job", "config_hash": f"h{hash((model, method, s, recover, imgsz, half, tuple(include))) & 0xffffffff:08x}",
                 "git_commit": "0123456789abcdef0123456789abcdef01234567", "device_name": device}
@@ -121,11 +122,14 @@ class Store:
                   "eval.device": "cpu", "eval.batch": str(batch), "recover.method": recover}
         if recover != "none":
             params["prune.fused"] = "False"
+        params["model.weights"] = weights or f"/cache/weights/{model}.pt"
+        params["data.limit"] = str(limit)  # the flattened config logs None as "None"
         metrics = []
         if status == "FINISHED":
             layer = int(include[0].split(".")[1]) if include else None
             vals = job_metrics(model, method, s, imgsz, half, recover, layer)
             vals[contract.latency_batch_metric(batch)] = vals.pop("latency_b32_ms_per_image")
+            vals.update(extra or {})
             metrics = [Metric(k, float(v), start + 500, 0) for k, v in vals.items() if k not in drop]
         else:
             self.client.set_tag(rid, "error", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -497,3 +501,65 @@ def test_run_names_parse_back_when_params_are_missing(tmp_path, empty_db):
     df = T.normalize(Q.runs_frame(sel.runs))
     assert set(df["model"]) == {"yolov5n"} and set(df["method"]) == {"l1_unstructured"}
     assert sorted(df["recover"]) == ["bn", "none"] and sorted(df["target"]) == [0.0, 0.5]
+
+
+# ------------------------------------------------------------------ issue #17: a report that reads finished
+
+
+def _pdf_text(path: Path) -> list[str]:
+    return [page.extract_text() for page in pypdf.PdfReader(str(path)).pages]
+
+
+def test_title_page_plurals_device_subset_and_custom_checkpoint(tmp_path, empty_db):
+    """#17: "runs: 3 runs: 3 ok", "1 finished runs", a data.limit subset shown as the full set, a custom
+    checkpoint labelled just "custom", and the CPU's model name as the device."""
+    st = Store(tmp_path, empty_db)
+    cpu = "AMD EPYC 7B13 64-Core Processor (2 CPUs)"
+    ckpt = "/home/me/runs/train/exp3/weights/best.pt"
+    _, (old,) = st.sweep("first", [dict(model="custom", method="l1_unstructured", s=0.0, weights=ckpt, limit=32,
+                                        device=cpu)])
+    st.sweep("second", [dict(model="custom", method="l1_unstructured", s=s, weights=ckpt, limit=32, device=cpu)
+                        for s in (0.3, 0.5)], start_offset_s=100)
+    st.client.set_tag(old, "also_in_sweep.second", "true")
+    out = build_report(st.uri, EXP, sweep="second", out_root=tmp_path / "r")
+    first = _pdf_text(out / "report.pdf")[0]
+    flat = " ".join(first.split())
+    assert "custom (best.pt)" in flat
+    assert "coco-val128 (first 32 images) · 640px · FP32" in flat  # the settings line
+    assert cpu in flat
+    assert "3, all finished" in flat and "runs: 3 ok" not in flat and "3 runs" not in flat
+    assert "1 finished run of an earlier sweep was reused" in flat and "1 finished runs" not in flat
+    md = (out / "results.md").read_text()
+    assert "- **runs**: 3, all finished" in md
+    assert "| custom (best.pt) |" in md
+    figs = " ".join(_pdf_text(out / "report.pdf")[1:])
+    assert "custom (best.pt)" in figs and "first 32 images" in figs  # legends and panel titles
+
+
+def test_runs_field_counts_each_outcome_once(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+    st.sweep("mixed", [dict(model="yolov5n", method="l1_unstructured", s=0.0),
+                       dict(model="yolov5n", method="l1_unstructured", s=0.5, status="FAILED")])
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    md = (out / "results.md").read_text()
+    assert "- **runs**: 2: 1 finished, 1 failed" in md
+    assert "1 run did not finish" in md
+
+
+def test_labels_unit():
+    assert T.model_label("custom", "C:\\runs\\exp\\weights\\last.pt") == "custom (last.pt)"
+    assert T.model_label("custom", "runs/exp/best.pt") == "custom (best.pt)"
+    assert T.model_label("yolov5n", "/cache/weights/yolov5n.pt") == "yolov5n"
+    assert T.data_label("coco", "None") == "coco" and T.data_label("coco", "1") == "coco (first 1 image)"
+    assert T.data_label("coco", "500") == "coco (first 500 images)"
+
+
+def test_subsets_are_separate_settings(tmp_path, empty_db):
+    """A data.limit subset is never compared with the full set's dense run."""
+    st = Store(tmp_path, empty_db)
+    st.sweep("subset", [dict(model="yolov5n", method="l1_unstructured", s=0.0),
+                        dict(model="yolov5n", method="l1_unstructured", s=0.0, limit=32),
+                        dict(model="yolov5n", method="l1_unstructured", s=0.5, limit=32)])
+    df = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs))
+    assert set(T.dense_refs(df)) == {("yolov5n", "coco-val128 · 640px · FP32"),
+                                     ("yolov5n", "coco-val128 (first 32 images) · 640px · FP32")}

@@ -20,7 +20,7 @@ from . import pdf as P
 from . import query as Q
 from . import tables as T
 from .common import (ALL, ARTIFACT_DIR, DEFAULT_EXPERIMENT, REPORT_FILES, ReportError,
-                     default_out_root, default_tracking_uri, metric)
+                     default_out_root, default_tracking_uri, metric, plural)
 
 log = logging.getLogger(__name__)
 PNG_DPI = 150
@@ -31,8 +31,7 @@ def _safe_name(s: str) -> str:
     return name[:120]
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+_plural = plural
 
 
 def _uniq(values) -> list[str]:
@@ -61,7 +60,8 @@ def _extra_dense(sel: Q.Selection, df: pd.DataFrame) -> Optional[pd.DataFrame]:
     if not want:
         return None
     try:
-        runs = Q.find_dense_runs(sel, sorted({m for m, _ in want}))
+        names = {n for n, m, s in zip(ok["model_name"], ok["model"], ok["setting"]) if (m, s) in want}
+        runs = Q.find_dense_runs(sel, sorted(names))  # by params.model.name; labels are matched below
     except Exception as e:  # a best-effort lookup: the report stands without it
         log.warning("dense reference lookup failed: %s", e)
         return None
@@ -80,8 +80,11 @@ def _title_fields(sel: Q.Selection, df: pd.DataFrame, now: datetime) -> list[tup
     start = (pd.Timestamp(started, unit="ms", tz="UTC") if started else df["start_time"].min())
     n = len(df)
     counts = df["outcome"].value_counts()
-    runs = f"{_plural(n, 'run')}: {counts.get('ok', 0)} ok" + "".join(
-        f", {v} {k}" for k, v in counts.items() if k != "ok")
+    if counts.get("ok", 0) == n:
+        runs = f"{n}, all finished" if n > 1 else "1, finished"
+    else:
+        runs = f"{n}: {counts.get('ok', 0)} finished" + "".join(
+            f", {v} {k}" for k, v in counts.items() if k != "ok")
     targets = sorted(t for t in df["target"].dropna().unique())
     commits = _uniq(df.get("tags.git_commit", pd.Series(dtype=object)))
     devices = _uniq(df["device"])
@@ -146,7 +149,9 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
         errors = _uniq(df["error"])
         detail = f"; first error: {errors[0][:200]}" if errors else ""
         status = ", ".join(f"{v} {k}" for k, v in df["outcome"].value_counts().items())
-        raise ReportError(f"all {len(df)} runs of {what} failed or have no metrics ({status}){detail}; "
+        every = "the only run" if len(df) == 1 else f"all {len(df)} runs"
+        raise ReportError(f"{every} of {what} failed or {'has' if len(df) == 1 else 'have'} no metrics "
+                          f"({status}){detail}; "
                           f"no report written")
 
     notes = list(sel.notes)
@@ -175,8 +180,8 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     curve_points_t = points_t[~per_layer(points_t)] if include_varies else points_t
     curve_note = "per-layer runs (prune.include varies): see sensitivity.png" if len(sens) else None
     if len(sens):
-        notes.append(f"{_plural(len(sens), 'per-layer run')} (prune.include varies) are shown in sensitivity.png, "
-                     f"not on the curves")
+        notes.append(f"{_plural(len(sens), 'per-layer run')} (prune.include varies) "
+                     f"{'is' if len(sens) == 1 else 'are'} shown in sensitivity.png, not on the curves")
     if len(ok) > len(points):
         notes.append(f"{_plural(len(ok) - len(points), 'repeated configuration')}: figures use the most recent run, "
                      f"tables list every run")

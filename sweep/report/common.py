@@ -17,7 +17,7 @@ REPORT_FILES = ("accuracy_vs_sparsity.png", "retention_vs_sparsity.png", "speed_
 ARTIFACT_DIR = "report"
 
 __all__ = ["ALL", "ARTIFACT_DIR", "DEFAULT_EXPERIMENT", "REPORT_FILES", "ReportError", "default_out_root",
-           "default_tracking_uri", "metric", "param"]
+           "default_tracking_uri", "metric", "param", "plural"]
 
 
 class ReportError(RuntimeError):
@@ -41,3 +41,8 @@ def metric(name: str) -> str:
 def param(name: str) -> str:
     """Column name of an MLflow param in the run frames."""
     return f"params.{name}"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 run``, ``2 runs`` (``many`` for an irregular plural)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"

@@ -22,7 +22,7 @@ import pandas as pd
 from sweep import contract
 from sweep.contract import ROLE_JOB, ROLE_PARENT, TAG_PARENT_RUN, TAG_ROLE, TAG_SWEEP_ID
 
-from .common import ALL, ReportError
+from .common import ALL, ReportError, plural
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,9 @@ def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
                                   f"recent sweeps: {', '.join(recent) or 'none'}")
             notes.append(f"no parent run with sweep_id={sweep}: report not attached to MLflow")
     if reused:
-        notes.append(f"{reused} finished runs of earlier sweeps were reused by this sweep "
-                     f"(resume by config hash) and are included")
+        what = "of an earlier sweep was" if reused == 1 else "of earlier sweeps were"
+        notes.append(f"{plural(reused, 'finished run')} {what} reused by this sweep (resume by config hash) "
+                     f"and {'is' if reused == 1 else 'are'} included")
     label = sweep_id or (parent.info.run_id if parent is not None else "sweep")
     return Selection(tracking_uri, eid, exp.name, label, mode, parent, jobs, notes, client)
 

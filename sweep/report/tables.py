@@ -13,6 +13,7 @@ import ast
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import PureWindowsPath
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -20,7 +21,7 @@ import pandas as pd
 
 from sweep.contract import parse_run_name
 
-from .common import metric, param
+from .common import metric, param, plural
 
 OUTCOME = {"FINISHED": "ok", "FAILED": "failed", "KILLED": "killed",
            "RUNNING": "incomplete", "SCHEDULED": "incomplete"}
@@ -97,6 +98,23 @@ def scope_label(include: tuple[str, ...], exclude: tuple[str, ...]) -> str:
     return " ; ".join(parts) if parts else "all layers"
 
 
+def model_label(name: Any, weights: Any) -> str:
+    """The model's name; a custom checkpoint (``model=custom``) is named by its file: ``custom (best.pt)``."""
+    name = "?" if _missing(name) else str(name)
+    if name == "custom" and not _missing(weights) and str(weights).strip() not in ("", "None", "???"):
+        return f"custom ({PureWindowsPath(str(weights)).name})"  # splits on both / and backslash
+    return name
+
+
+def data_label(name: Any, limit: Any) -> str:
+    """The dataset's name; a subset (``data.limit=N``) says so: ``coco-val128 (first 32 images)``."""
+    label = "?" if _missing(name) else str(name)
+    n = parse_int(limit)
+    if n is not None:
+        label += f" (first {plural(n, 'image')})"
+    return label
+
+
 def precision_label(half: Optional[bool]) -> str:
     return {True: "FP16", False: "FP32"}.get(half, "auto precision")
 
@@ -111,8 +129,9 @@ def normalize(raw: pd.DataFrame) -> pd.DataFrame:
         return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
 
     names = df["run_name"].fillna("").astype(str).map(parse_run_name)  # the fallback when params are missing
-    df["model"] = [p if not _missing(p) else (n.model if n else "?")
-                   for p, n in zip(col(param("model.name")), names)]
+    df["model_name"] = [p if not _missing(p) else (n.model if n else "?")
+                        for p, n in zip(col(param("model.name")), names)]
+    df["model"] = [model_label(m, w) for m, w in zip(df["model_name"], col(param("model.weights")))]
     df["method"] = [p if not _missing(p) else (n.method if n else "?")
                     for p, n in zip(col(param("prune.method")), names)]
     df["recover"] = [str(v) if not _missing(v) else (n.recover if n else "none")
@@ -127,7 +146,7 @@ def normalize(raw: pd.DataFrame) -> pd.DataFrame:
     df["include"] = [parse_list(v) for v in col(param("prune.include"))]
     df["exclude"] = [parse_list(v) for v in col(param("prune.exclude"))]
     df["scope"] = [scope_label(i, e) for i, e in zip(df["include"], df["exclude"])]
-    df["data"] = [str(v) if not _missing(v) else "?" for v in col(param("data.name"))]
+    df["data"] = [data_label(v, lim) for v, lim in zip(col(param("data.name")), col(param("data.limit")))]
     df["imgsz"] = [parse_int(v) for v in col(param("eval.imgsz"))]
     df["half"] = [parse_bool(v) for v in col(param("eval.half"))]
     df["precision"] = [precision_label(h) for h in df["half"]]
