@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,9 @@ from sweep.data import DataError
 from sweep.evaluate import CocoEvaluator, CocoResult, LoopResult, gc_paused, measure_latency, run_inference
 from sweep.evaluate.timing import Stopwatch
 from sweep.memo import EvalData, ProcessMemo
-from sweep.model import CheckpointError, LoadedCheckpoint, fuse, save_checkpoint
+from sweep.export import onnx_runtime_latency
+from sweep.model import ArtifactFiles, CheckpointError, LoadedCheckpoint, artifact_sizes, fuse, load_artifact, \
+    save_artifact
 from sweep.prune import PRUNERS, accounting, select_convs
 from sweep.recover import RECOVERERS, Calibration
 from sweep.track import Tracker, TrackingError, environment_tags
@@ -121,6 +124,25 @@ def latency(model: nn.Module, ev: EvalSpec, device: torch.device) -> dict[str, f
     }
 
 
+def save_model(model: nn.Module, folder: Path, stem: str = "pruned") -> tuple[ArtifactFiles, dict[str, float]]:
+    """The evaluated model as the pickle-free artifact (``<stem>.safetensors`` + ``<stem>.json``), and its
+    stored and zstd-compressed sizes."""
+    files = save_artifact(model, folder, stem)
+    stored, compressed = artifact_sizes(files)
+    return files, {contract.ARTIFACT_MB: stored, contract.ARTIFACT_MB_COMPRESSED: compressed}
+
+
+def runtime_latency(artifact: ArtifactFiles, ev: EvalSpec, device: torch.device, onnx_path: Path) -> dict[str, Any]:
+    """ONNX Runtime latency of the model rebuilt from its artifact (exported to ``onnx_path``; its outputs
+    checked against PyTorch's first, ``sweep.export.OutputMismatchError`` otherwise): batch 1, and per
+    image at ``eval.batch``."""
+    model = load_artifact(artifact.description).model
+    r = onnx_runtime_latency(model, onnx_path, imgsz=ev.imgsz, batch=ev.batch, iters=ev.latency_iters,
+                             device=device)
+    return {contract.ORT_LATENCY_B1: r.b1_ms, contract.ort_latency_batch_metric(r.batch): r.batch_ms_per_image,
+            contract.ORT_MAX_ABS_DIFF: r.max_abs_diff, contract.ONNX_MB: r.onnx_mb, contract.ORT_PROVIDER: r.provider}
+
+
 def write_artifacts(out: Path, spec: JobSpec, metrics: dict[str, Any], per_layer: pd.DataFrame,
                     coco: CocoResult) -> list[Path]:
     """metrics.json, the resolved config, per-layer sparsity and per-class AP CSVs, the COCO summary."""
@@ -175,13 +197,22 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
                 coco = evaluator.evaluate()
             del evaluator
         lat: dict[str, float] = {}
-        if ev.latency:
+        if ev.latency and "torch" in ev.runtimes:
             with sw.stage("latency"):
                 lat = latency(model, ev, device)
-    if spec.prune.save:
-        with sw.stage("save"):
-            save_checkpoint(model, out / "pruned.pt")
-            files.append(out / "pruned.pt")
+    if spec.prune.save or "onnxruntime" in ev.runtimes:
+        with tempfile.TemporaryDirectory(prefix="sweep-export-") as tmp:  # artifact + ONNX of a job without prune.save
+            where = out if spec.prune.save else Path(tmp)
+            with sw.stage("save"):
+                artifact, sizes = save_model(model, where)
+            if spec.prune.save:
+                lat |= sizes
+                files += artifact.paths
+            if "onnxruntime" in ev.runtimes:
+                with sw.stage("onnxruntime"):
+                    lat |= runtime_latency(artifact, ev, device, where / "pruned.onnx")
+                if spec.prune.save:
+                    files.append(where / "pruned.onnx")
 
     for stage, seconds in loop.seconds.items():
         sw.add("forward" if stage == "inference" else stage, seconds)
@@ -326,8 +357,8 @@ def task(cfg: DictConfig, memo: ProcessMemo) -> Outcome:
     name = _name_for_messages(cfg)
     try:
         outcome = run_job(cfg, ctx, memo)
-    except KeyboardInterrupt:
-        Outcome("failed", name, None, "interrupted (Ctrl-C)").save(ctx.output_dir)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP turned into one by the entry point
+        Outcome("failed", name, None, f"interrupted ({exc or 'Ctrl-C'})").save(ctx.output_dir)
         _mark_parent_killed(cfg, ctx.sweep_id)
         raise
     except Exception as exc:  # noqa: BLE001 - every job failure is reported the same way

@@ -324,3 +324,31 @@ def test_a_killed_worker_aborts_the_sweep_with_a_summary_and_no_run_left_running
     assert p.returncode == 0, p.stderr[-3000:]
     finished = [r for r in runs(out, filter_string="attributes.status = 'FINISHED' and tags.`sweep.role` = 'job'")]
     assert sorted(r.info.run_name for r in finished) == _names(0, 0.3)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_ends_the_sweep_like_ctrl_c(tmp_path, assets, sig):
+    """What Slurm, Docker and Kubernetes send first: runs end KILLED (none left RUNNING), the summary
+    still comes, one line instead of a traceback, exit status 130."""
+    import signal
+
+    out = tmp_path / "outputs"
+    args = ("-m", "model=yolov5n", "data=coco-val128", "data.limit=32", "report=false", "sparsity=0,0.3")
+    extra = [f"paths.outputs={out}", f"paths.preprocessed={out}/pre", *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "sweep", *args, *extra, f"hydra.sweep.dir={tmp_path / 's1'}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim = _first_running_job(out, tmp_path / "s1", proc)
+        proc.send_signal(getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted (" in stderr
+    assert "sweep:" in stdout and "failed" in (tmp_path / "s1" / "summary.txt").read_text()
+    after = {r.info.run_id: r for r in runs(out)}
+    assert not [r.info.run_name for r in after.values() if r.info.status == "RUNNING"]
+    assert after[victim.info.run_id].info.status == "KILLED"
+    [parent] = [r for r in after.values() if r.data.tags.get("sweep.role") == "parent"]
+    assert parent.info.status == "KILLED"

@@ -160,8 +160,9 @@ class SweepCallback(Callback):
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         outcomes = _summarize(sweep_dir)
-        print("sweep aborted: the launcher stopped before every job reported (see the error above); "
-              "run the same command again to finish it (resume skips the finished points)", file=sys.stderr, flush=True)
+        print("sweep aborted: it stopped before every job reported (interrupted, or a worker process was killed: "
+              "see above); run the same command again to finish it (resume skips the finished points)",
+              file=sys.stderr, flush=True)
         if not (config.mlflow.enabled and self.parent_run_id):
             return
         try:
