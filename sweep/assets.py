@@ -224,8 +224,23 @@ def ensure_weights(name: str, cache: str | os.PathLike, url: str | None = None, 
     try:
         return download(url, dest, progress=progress, timeout=timeout, verify=verify)
     except AssetError as e:
-        raise AssetError(f"{e}. Without network access, download {url} elsewhere and put it at "
-                         f"{dest}, or point model.weights at a local .pt file") from e
+        raise AssetError(f"{dest} is missing and {url} could not be downloaded ({_reason(e)}). Without network "
+                         f"access, download it elsewhere and put it at {dest}, or point model.weights at a local "
+                         ".pt file") from e
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a download failed, briefly: the network error ('Name or service not known'), else the
+    innermost AssetError's own words (e.g. 'was downloaded but is not usable: ...')."""
+    deepest = str(exc)
+    while exc is not None:
+        if isinstance(exc, (OSError, urllib.error.URLError)) and not isinstance(exc, urllib.error.HTTPError):
+            reason = getattr(exc, "reason", None) or exc
+            return str(getattr(reason, "strerror", None) or reason)
+        if isinstance(exc, AssetError):
+            deepest = str(exc)
+        exc = exc.__cause__
+    return deepest.rsplit(": ", 1)[-1] if deepest.startswith("could not download") else deepest
 
 
 def resolve_weights(name: str, cache: str | os.PathLike, weights: str | os.PathLike | None = None,
@@ -312,9 +327,11 @@ def ensure_dataset(name: str, cache: str | os.PathLike, downloads: Sequence[Mapp
             return root
         for stale in root.parent.glob(f".{name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+        archives = _fetch_all(name, root, specs, Path(cache), progress)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root.parent))
         try:
-            archives = [_fetch_and_extract(spec, Path(cache), staging, progress) for spec in specs]
+            for spec, archive in zip(specs, archives):
+                extract_zip(archive, staging / spec["dir"] if spec["dir"] else staging, strip=spec["strip"])
             os.replace(staging, root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -325,8 +342,20 @@ def ensure_dataset(name: str, cache: str | os.PathLike, downloads: Sequence[Mapp
     return root
 
 
-def _fetch_and_extract(spec: Mapping[str, Any], cache: Path, staging: Path, progress: bool) -> Path:
-    archive = cache / "downloads" / spec["filename"]
-    download(spec["url"], archive, spec["sha256"], progress=progress)
-    extract_zip(archive, staging / spec["dir"] if spec["dir"] else staging, strip=spec["strip"])
-    return archive
+def _fetch_all(name: str, root: Path, specs: Sequence[Mapping[str, Any]], cache: Path, progress: bool) -> list[Path]:
+    """Every archive of a dataset, each tried even when another failed, so that one message lists all
+    that are missing (an offline user fixes them in one go)."""
+    archives, missing = [], []
+    for spec in specs:
+        archive = cache / "downloads" / spec["filename"]
+        try:
+            download(spec["url"], archive, spec["sha256"], progress=progress)
+        except AssetError as e:
+            missing.append(f"{spec['url']} -> {archive} ({_reason(e)})")
+        archives.append(archive)
+    if missing:
+        raise AssetError(f"dataset {name!r} is not in {root} and {len(missing)} of its {len(specs)} archive(s) could "
+                         f"not be downloaded: {'; '.join(missing)}. Without network access, download them elsewhere "
+                         "and put each at the path shown (it is extracted on the next run), or point data.path at "
+                         "the extracted dataset")
+    return archives

@@ -321,3 +321,25 @@ def test_corrupt_zip_and_bad_entries(tmp_path):
             ensure_dataset("d", tmp_path, [entry])
     with pytest.raises(AssetError, match="no download entries"):
         ensure_dataset("d", tmp_path, [])
+
+
+def test_offline_every_missing_input_file_is_listed_once(tmp_path):
+    """No network (an unroutable name): one message lists the weights and both COCO archives, each with
+    the place to put it, instead of failing on the first one."""
+    from helpers import make_cfg
+
+    from sweep.config.resolve import resolve_job
+    from sweep.memo import ProcessMemo
+
+    cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco", f"paths.cache={tmp_path / 'cache'}",
+                   "model.url=http://no-such-host.invalid/yolov5n.pt",
+                   "data.download=[{url: 'http://no-such-host.invalid/labels.zip'}, "
+                   "{url: 'http://no-such-host.invalid/val2017.zip', dir: images}]")
+    with pytest.raises(AssetError) as err:
+        resolve_job(cfg, ProcessMemo())
+    msg = str(err.value)
+    assert msg.startswith("missing input files: (1)")
+    for name in ("yolov5n.pt", "labels.zip", "val2017.zip"):
+        assert msg.count(f"no-such-host.invalid/{name}") == 1, name
+    assert str(tmp_path / "cache" / "downloads" / "val2017.zip") in msg and "Without network access" in msg
+    assert not (tmp_path / "cache" / "datasets" / "coco").exists()

@@ -272,6 +272,22 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _inputs(c: Mapping[str, Any], cache: Path, memo: Any) -> tuple[ModelSpec, DataSpec]:
+    """The weights and the dataset, both tried: when files are missing (offline), one message lists every one."""
+    found: list[Any] = []
+    missing: list[str] = []
+    for find in (lambda: _model(c, cache, memo), lambda: resolve_data(c, cache)):
+        try:
+            found.append(find())
+        except assets.AssetError as e:
+            missing.append(str(e))
+    if len(missing) > 1:
+        raise assets.AssetError("missing input files: " + " | ".join(f"({i}) {m}" for i, m in enumerate(missing, 1)))
+    if missing:
+        raise assets.AssetError(missing[0])
+    return found[0], found[1]
+
+
 def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
     """The whole pre-flight of one job. ``memo`` (:class:`sweep.memo.ProcessMemo`) keeps what it opens
     (checkpoint, dataset scan, calibration images) for the job and for later jobs of the process."""
@@ -282,13 +298,12 @@ def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
     track = resolve_tracking(c)
     device, half = resolve_device(str(c["eval"]["device"]), c["eval"]["half"], job_num)
     cache = assets.cache_root(c["paths"]["cache"])
-    model = _model(c, cache, memo)
+    model, data = _inputs(c, cache, memo)
     ckpt = memo.checkpoint(model.weights, model.sha256)
     imgsz = c["eval"]["imgsz"] or c["model"].get("imgsz") or DEFAULT_IMGSZ
     stride = int(ckpt.stride.max())
     _check(imgsz % stride == 0 and imgsz >= stride, "eval.imgsz", imgsz,
            f"a positive multiple of the model stride ({stride}), e.g. {stride * 10}, {stride * 20}")
-    data = resolve_data(c, cache)
     if data.names is not None and len(data.names) != len(ckpt.names):
         raise ConfigError(f"model.weights={str(model.weights)!r} has {len(ckpt.names)} classes but data "
                           f"{data.name!r} names {len(data.names)}: allowed is a checkpoint trained on this dataset's "

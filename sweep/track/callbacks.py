@@ -39,6 +39,7 @@ def _tracker(config: DictConfig) -> Tracker:
     return Tracker.from_spec(resolve_tracking(config))
 
 
+REASON_CHARS = 160  # a failure reason in the summary table; the job's own log line has all of it
 LOST = "lost: its process ended without an outcome (killed by a signal or the out-of-memory killer?)"
 
 
@@ -74,7 +75,8 @@ def summary_table(outcomes: list[Outcome]) -> str:
         m = o.metrics
         ap = f"{m['mAP50-95']:.4f}" if "mAP50-95" in m else "-"
         ar = f"{m['AR100']:.3f}" if "AR100" in m else "-"
-        lines.append(f"{o.job:>4}  {o.status:<8} {o.name:<44} {ap:>8} {ar:>6}  {o.reason}")
+        reason = o.reason if len(o.reason) <= REASON_CHARS else o.reason[:REASON_CHARS - 1] + "…"  # full text: job log
+        lines.append(f"{o.job:>4}  {o.status:<8} {o.name:<44} {ap:>8} {ar:>6}  {reason}")
     c = _counts(outcomes)
     lines.append(f"sweep: {c['jobs_done']} done, {c['jobs_skipped']} skipped, {c['jobs_failed']} failed")
     return "\n".join(lines)
