@@ -563,3 +563,73 @@ def test_subsets_are_separate_settings(tmp_path, empty_db):
     df = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs))
     assert set(T.dense_refs(df)) == {("yolov5n", "coco-val128 · 640px · FP32"),
                                      ("yolov5n", "coco-val128 (first 32 images) · 640px · FP32")}
+
+
+def _noisy_latency(s: float, load: float, dense_ms: float = 68.0) -> dict:
+    """Latency metrics of an unstructured run on a machine ``load`` times slower than quiet, noisy: the
+    model's and the dense model's medians, timed alternately, both inflated alike."""
+    b1, q1, q3 = contract.LATENCY_B1, *contract.latency_quartiles(contract.LATENCY_B1)
+    d, dq1, dq3 = contract.LATENCY_DENSE_B1, *contract.latency_quartiles(contract.LATENCY_DENSE_B1)
+    m = dense_ms * load * (1.0 if s == 0 else 0.97)  # a 3% "speed-up" that is noise
+    dm = dense_ms * load
+    return {b1: m, q1: 0.8 * m, q3: 1.3 * m, d: dm, dq1: 0.8 * dm, dq3: 1.3 * dm,
+            contract.LATENCY_SPEEDUP_B1: dm / m, contract.LATENCY_SPREAD_B1: 0.5}
+
+
+def test_busy_machine_speed_figures(tmp_path, empty_db):
+    """#17 finding 4: latency 4158 ms at 0.6 against 407 ms dense under load. The report draws the spread,
+    warns about the busy machine, and plots speed relative to the dense model timed alongside, so an
+    unstructured method is never faster than dense beyond its noise."""
+    st = Store(tmp_path, empty_db)
+    jobs = [dict(model="yolov5n", method="l1_unstructured", s=s, extra=_noisy_latency(s, load))
+            for s, load in ((0.0, 6.0), (0.3, 1.0), (0.6, 61.0))]
+    st.sweep("busy", jobs)
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    md = (out / "results.md").read_text()
+    assert "busy machine" in md and "3 runs" in md
+    df = pd.read_csv(out / "results.csv")
+    assert {contract.latency_quartiles(contract.LATENCY_B1)[0], contract.LATENCY_SPEEDUP_B1} <= {
+        c[len("metrics."):] for c in df.columns if c.startswith("metrics.")}
+
+    norm = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs))
+    pts = F.with_relative_latency(T.dedupe(norm))
+    for _, r in pts.iterrows():  # within its noise of dense (1.0), whatever the load
+        assert r[F.REL_LATENCY_LO] <= 1.0 <= r[F.REL_LATENCY_HI], r["target"]
+        assert 0.95 < r[F.REL_LATENCY] < 1.1
+    fig = F.pareto_figure(T.dedupe(norm), F.Style.build(norm["model"], norm["method"]), "t")
+    ax = fig.axes[0]
+    assert "relative to dense" in ax.get_title()
+    xs = [x for line in ax.get_lines() if line.get_marker() not in ("|", "_") for x in line.get_xdata()]
+    assert len(xs) >= 3 and max(xs) < 1.1  # not 61x: the load cancels in the same-process ratio
+    assert ax.collections, "no error bars on the Pareto time axis"
+
+    refs = T.dense_refs(norm, "timing_setting")
+    panel = F.latency_panel(contract.LATENCY_B1, "Latency, batch 1", "ms")
+    fig = F.curve_figure(T.dedupe(norm), refs, [panel], F.Style.build(norm["model"], norm["method"]), "t",
+                         group_col="timing_setting", facet_recover=False)
+    ax = fig.axes[0]
+    assert any(type(c).__name__ == "LineCollection" for c in ax.collections), "no IQR error bars"
+    assert any(type(p).__name__ in ("Rectangle", "Polygon") for p in ax.patches), "no dense IQR band"
+
+
+def test_pdf_pages_are_a4_filled(main_sweep):
+    """#17: every PDF page is A4 landscape (figures used to keep their own, smaller, page sizes)."""
+    st, pid, ids, out = main_sweep
+    for page in pypdf.PdfReader(str(out / "report.pdf")).pages:
+        w, h = float(page.mediabox.width), float(page.mediabox.height)
+        assert (round(w), round(h)) == (842, 595), (w, h)
+
+
+def test_latency_stats_and_pair():
+    import torch
+
+    from sweep.evaluate.latency import LatencyStats, measure_latency, measure_latency_pair
+
+    st = LatencyStats.of([10.0, 11.0, 12.0, 13.0, 100.0])
+    assert (st.median_ms, st.q1_ms, st.q3_ms, st.min_ms, st.max_ms, st.iters) == (12.0, 11.0, 13.0, 10.0, 100.0, 5)
+    assert st.spread == pytest.approx(2 / 12) and st.per_image(2).median_ms == 6.0
+    net = torch.nn.Conv2d(3, 4, 3).eval()
+    one = measure_latency(net, device=torch.device("cpu"), half=False, imgsz=32, batch=1, iters=5)
+    assert one.iters == 5 and one.min_ms <= one.q1_ms <= one.median_ms <= one.q3_ms <= one.max_ms
+    a, b = measure_latency_pair(net, net, device=torch.device("cpu"), half=False, imgsz=32, batch=1, iters=6)
+    assert a.iters == b.iters == 6

@@ -195,20 +195,24 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
         notes.append("runs differ in dataset, image size or precision: each setting is its own row of panels "
                      "with its own dense references, never mixed on one curve ("
                      + " | ".join(_uniq(df["setting"])) + ")")
+    spread_col = metric(contract.LATENCY_SPREAD_B1)
+    if spread_col in ok.columns:
+        busy = ok[ok[spread_col] > contract.LATENCY_BUSY_SPREAD]
+        if len(busy):
+            worst = busy.loc[busy[spread_col].idxmax()]
+            notes.append(f"busy machine: the batch-1 latency of {_plural(len(busy), 'run')} spread by more than "
+                         f"{100 * contract.LATENCY_BUSY_SPREAD:.0f}% of its median (interquartile range; worst "
+                         f"{100 * worst[spread_col]:.0f}%, {worst['run_name']}): its ms figures are not reliable; the "
+                         f"speed-up over dense (timed alternately in the same process) is less affected — rerun "
+                         f"on a quiet machine to trust the timings")
     if (~ok["x_measured"]).any():
         notes.append("runs without a measured sparsity metric are plotted at their target sparsity")
 
     style = F.Style.build(df["model"], df["method"])
     label = sel.sweep_id if sel.mode != ALL else f"all runs of {sel.experiment_name}"
-    figs: dict[str, object] = {}
-    figs["accuracy_vs_sparsity.png"] = F.curve_figure(
-        curve_points, refs, [F.metric_panel("mAP50-95", "mAP50-95", "mAP50-95 (COCO, 0–1)"),
-                             F.metric_panel("mAP50", "mAP50", "mAP50 (COCO, 0–1)"),
-                             F.metric_panel("AR100", "AR100", "AR100 (COCO, 0–1)")],
-        style, f"Accuracy vs sparsity · {label}", note=curve_note)
-    figs["retention_vs_sparsity.png"] = F.curve_figure(
-        curve_points, refs, [F.retention_panel(n) for n in ("mAP50-95", "mAP50", "AR100")],
-        style, f"Accuracy retained vs sparsity · {label}", note=curve_note)
+    acc_panels = [F.metric_panel("mAP50-95", "mAP50-95", "mAP50-95 (COCO, 0–1)"),
+                  F.metric_panel("mAP50", "mAP50", "mAP50 (COCO, 0–1)"),
+                  F.metric_panel("AR100", "AR100", "AR100 (COCO, 0–1)")]
     speed = [F.metric_panel("ms_inference", "Inference time", "inference (ms / image)", from_zero=True),
              F.metric_panel("gflops", "Compute", "GFLOPs per image", from_zero=True),
              F.metric_panel("params_nonzero", "Non-zero parameters", "non-zero parameters (millions)",
@@ -216,18 +220,49 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     latency = [(contract.LATENCY_B1, "Latency, batch 1", "latency (ms / image, batch 1)")]
     for b in sorted({b for c in df.columns if (b := contract.latency_batch_of(c[len("metrics."):])) is not None}):
         latency.append((contract.latency_batch_metric(b), f"Latency, batch {b}", f"latency (ms / image, batch {b})"))
+    # ONNX Runtime (eval.runtimes=[torch,onnxruntime]): panels next to PyTorch's, and why unstructured stays flat
+    latency.append((contract.ORT_LATENCY_B1, "ONNX Runtime latency, batch 1", "ONNX Runtime (ms / image, batch 1)"))
+    for b in sorted({b for c in df.columns if (b := contract.ort_latency_batch_of(c[len("metrics."):])) is not None}):
+        latency.append((contract.ort_latency_batch_metric(b), f"ONNX Runtime latency, batch {b}",
+                        f"ONNX Runtime (ms / image, batch {b})"))
+    if metric(contract.ORT_LATENCY_B1) in ok.columns and ok[metric(contract.ORT_LATENCY_B1)].notna().any():
+        flat = sorted(_uniq(ok[~ok["is_dense"] & (ok["method"] != "channel")]["method"]))
+        if flat:
+            notes.append(f"ONNX Runtime latency stays flat for {', '.join(flat)}: these methods zero weights but "
+                         "keep every tensor's shape, so the runtime's dense kernels do the same work; only "
+                         "prune=channel removes channels, and with them time.")
     for name, title, ylabel in latency:
         if metric(name) in df.columns and df[metric(name)].notna().any():
-            speed.append(F.metric_panel(name, title, ylabel, from_zero=True))
+            speed.append(F.latency_panel(name, title, ylabel))
     # cost does not depend on recovery: one curve per (model, method), the unrecovered run preferred
     speed_points = curve_points_t.sort_values("recover_key", kind="stable").drop_duplicates(
         ["timing_setting", "model", "method", "fused", "scope", "target"]).sort_index()
-    figs["speed_vs_sparsity.png"] = F.curve_figure(
-        speed_points, refs_time, speed, style, f"Speed and size vs sparsity · {label}",
-        group_col="timing_setting", facet_recover=False, note=curve_note)
-    figs["pareto.png"] = F.pareto_figure(points_t, style, f"Accuracy vs cost · {label}")
-    if len(sens):
-        figs["sensitivity.png"] = F.sensitivity_figure(sens, refs, f"Per-layer sensitivity · {label}")
+
+    def make(page=None) -> dict[str, object]:
+        """The figures: one each for the PNGs (page None); for the PDF, A4 pages, one per setting."""
+        def per_group(frame, refs_, col, fn):
+            groups = sorted(set(frame[col]))
+            if page is None or len(groups) <= 1:
+                return fn(frame, refs_)
+            return [fn(frame[frame[col] == g], {k: v for k, v in refs_.items() if k[1] == g}) for g in groups]
+
+        figs: dict[str, object] = {}
+        figs["accuracy_vs_sparsity.png"] = per_group(curve_points, refs, "setting", lambda p, r: F.curve_figure(
+            p, r, acc_panels, style, f"Accuracy vs sparsity · {label}", note=curve_note, page=page))
+        figs["retention_vs_sparsity.png"] = per_group(curve_points, refs, "setting", lambda p, r: F.curve_figure(
+            p, r, [F.retention_panel(n) for n in ("mAP50-95", "mAP50", "AR100")], style,
+            f"Accuracy retained vs sparsity · {label}", note=curve_note, page=page))
+        figs["speed_vs_sparsity.png"] = per_group(speed_points, refs_time, "timing_setting",
+                                                  lambda p, r: F.curve_figure(
+            p, r, speed, style, f"Speed and size vs sparsity · {label}", group_col="timing_setting",
+            facet_recover=False, note=curve_note, page=page))
+        figs["pareto.png"] = per_group(points_t, refs_time, "timing_setting", lambda p, r: F.pareto_figure(
+            p, style, f"Accuracy vs cost · {label}", page=page))
+        if len(sens):
+            figs["sensitivity.png"] = F.sensitivity_figure(sens, refs, f"Per-layer sensitivity · {label}", page=page)
+        return figs
+
+    figs = make()
 
     now = datetime.now(timezone.utc)
     title = f"YOLOv5 pruning report · {label}"
@@ -241,11 +276,12 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     try:
         for fname, fig in figs.items():
             fig.savefig(tmp / fname, dpi=PNG_DPI)
-            fig.set_layout_engine("none")  # keep the computed layout for the PDF page (saves a re-layout)
         T.results_csv_frame(df).to_csv(tmp / "results.csv", index=False)
         (tmp / "results.md").write_text(_markdown(title, fields, notes, table, list(figs)), encoding="utf-8")
-        pages = [P.title_page(title, fields, notes)] + list(figs.values()) + \
-            P.table_figures(table, f"Results · {label}")
+        pages = [P.title_page(title, fields, notes)]
+        for fig in make(P.A4_LANDSCAPE).values():  # every figure again, laid out to fill an A4 page
+            pages += fig if isinstance(fig, list) else [fig]
+        pages += P.table_figures(table, f"Results · {label}")
         P.write_pdf(tmp / "report.pdf", pages, title)
         out.mkdir(parents=True, exist_ok=True)
         for fname in REPORT_FILES:  # drop a previous build's files (e.g. a stale sensitivity.png)

@@ -20,6 +20,8 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from sweep import contract
+
 from .common import metric
 from .tables import DenseRef, layer_index, model_sort_key
 
@@ -32,6 +34,28 @@ DENSE_LS = (0, (4, 3))
 PANEL_W, PANEL_H = 4.3, 3.3
 MAX_COLS = 3  # metric panels per row before wrapping (2 metrics x 2 when recover varies)
 X_LABEL = "measured sparsity (% zero weights)"
+
+
+PAGE_TITLE_IN, PAGE_LEGEND_IN = 0.75, 0.75   # room for the suptitle and the legend on a page (inches)
+PAGE_FONT = 1.2  # font scale on a PDF page: read at 100% on paper, not shrunk like a screen PNG
+
+
+def fit_columns(n: int, rows_per_group: int, page: tuple[float, float], step: int = 1,
+                aspect: float = 1.45) -> int:
+    """Panels per row that fill ``page`` best: the panel shape nearest ``aspect`` (width / height).
+
+    ``n`` panels per group (``rows_per_group`` groups stacked), ``step``: the columns come in
+    multiples of it (recover variants stay side by side).
+    """
+    w, h = page
+    best, best_score = step, math.inf
+    for cols in range(step, max(step, n) + 1, step):
+        rows = math.ceil(n / cols) * rows_per_group
+        pw, ph = w / cols, (h - PAGE_TITLE_IN - PAGE_LEGEND_IN) / rows
+        score = abs(math.log((pw / ph) / aspect)) + 0.15 * (cols * math.ceil(n / cols) - n)
+        if score < best_score:
+            best, best_score = cols, score
+    return best
 
 
 @dataclass
@@ -73,6 +97,13 @@ class Panel:
     dense: Optional[Callable[[DenseRef], float]] = None
     ref_line: Optional[float] = None
     from_zero: bool = False   # cost axes start at 0, so a flat line reads as flat
+    spread: Optional[tuple[str, str]] = None  # metric names of the low/high spread (error bars, dense band)
+
+
+def latency_panel(name: str, title: str, ylabel: str) -> Panel:
+    """A latency median with its interquartile range as error bars (and as a band around the dense line)."""
+    return Panel(metric(name), title + " (median; bars, band: IQR)", ylabel, dense=lambda r, n=name: r.get(n),
+                 from_zero=True, spread=contract.latency_quartiles(name))
 
 
 def metric_panel(name: str, title: str, ylabel: str, scale: float = 1.0, from_zero: bool = False) -> Panel:
@@ -87,7 +118,7 @@ def retention_panel(name: str) -> Panel:
 
 
 def _legend(fig: Figure, style: Style, models, methods, variants: list[str], dense: bool,
-            extra: Optional[list] = None) -> None:
+            extra: Optional[list] = None, fs: float = 1.0) -> None:
     handles = [Line2D([], [], color=style.colour(m), marker="o", lw=2, label=m)
                for m in sorted(set(models), key=model_sort_key)]
     handles += [Line2D([], [], color="0.25", ls=style.linestyles[m], marker=style.markers[m], lw=1.5,
@@ -99,8 +130,8 @@ def _legend(fig: Figure, style: Style, models, methods, variants: list[str], den
         handles.append(Line2D([], [], color="0.35", ls=DENSE_LS, lw=1.2, label="dense (sparsity 0)"))
     handles += extra or []
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7),
-                   frameon=False, fontsize=8.5)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7 if fs == 1 else 5),
+                   frameon=False, fontsize=8.5 * fs)
 
 
 def _no_data(ax, text: str = "no data") -> None:
@@ -109,11 +140,13 @@ def _no_data(ax, text: str = "no data") -> None:
 
 def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], panels: list[Panel],
                  style: Style, title: str, group_col: str = "setting", facet_recover: bool = True,
-                 note: Optional[str] = None) -> Figure:
+                 note: Optional[str] = None, page: Optional[tuple[float, float]] = None) -> Figure:
     """Lines of ``panel.column`` versus measured sparsity, one per (model, method[, variant]).
 
     ``points`` are finished, de-duplicated runs (dense ones included); ``refs`` the dense references
-    keyed (model, group label).
+    keyed (model, group label). ``page`` (inches): the figure is that size and its panels are arranged
+    to fill it, with larger text (a PDF page); else its size follows the panel count (a PNG).
+    A panel whose frame has ``<column>.lo`` / ``<column>.hi`` columns draws them as error bars.
     """
     groups = sorted(set(points[group_col]) | {g for _, g in refs})
     recs: list[Optional[str]] = [None]
@@ -122,6 +155,10 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
     cols = [(p, r) for p in panels for r in recs]
     # wrap long rows (keeping the recover variants of one metric together): at most ~3 metrics a row
     per_row = min(len(recs) * (MAX_COLS if len(recs) == 1 else max(1, 4 // len(recs))), len(cols))
+    fs = 1.0
+    if page is not None:
+        per_row = fit_columns(len(cols), len(groups), page, step=len(recs))
+        fs = PAGE_FONT
     sub_rows = math.ceil(len(cols) / per_row)
     pruned_all = points[~points["is_dense"]]
     variant_cols = [c for c in ("fused", "scope") if pruned_all[c].nunique() > 1]
@@ -131,7 +168,8 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
 
     variants = sorted({variant(r) for _, r in pruned_all.iterrows()}) if variant_cols else [""]
     nrows = len(groups) * sub_rows
-    fig = Figure(figsize=(max(PANEL_W * per_row, 7.5), PANEL_H * nrows + 1.3), layout="constrained")
+    size = page or (max(PANEL_W * per_row, 7.5), PANEL_H * nrows + 1.3)
+    fig = Figure(figsize=size, layout="constrained")
     grid = fig.subplots(nrows, per_row, squeeze=False)
     for k in range(len(cols), sub_rows * per_row):  # unused cells of a wrapped row
         for i in range(len(groups)):
@@ -164,6 +202,14 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
                 ax.plot(np.asarray(xs)[order], np.asarray(ys)[order], color=style.colour(model),
                         ls=style.linestyles[method], marker=style.markers[method], ms=5, lw=1.6,
                         mfc=style.colour(model) if vi == 0 else "white", mew=1.3, zorder=3)
+                if panel.spread is not None:
+                    lo_c, hi_c = (metric(n) for n in panel.spread)
+                    if lo_c in c.columns and hi_c in c.columns and c[lo_c].notna().any():
+                        y = c[panel.column] * panel.scale
+                        lo = (y - c[lo_c] * panel.scale).clip(lower=0).fillna(0)
+                        hi = (c[hi_c] * panel.scale - y).clip(lower=0).fillna(0)
+                        ax.errorbar(c["x"], y, yerr=[lo, hi], fmt="none", ecolor=style.colour(model),
+                                    elinewidth=1.2, capsize=3, zorder=3)
                 curved_models.add(model)
                 drawn += 1
             for (model, rg), ref in refs.items():
@@ -174,6 +220,10 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
                     continue
                 if panel.ref_line is None:
                     ax.axhline(v, color=style.colour(model), ls=DENSE_LS, lw=1.1, alpha=0.75, zorder=1)
+                if panel.spread is not None:  # the dense model's own noise: a point inside the band is no faster
+                    lo, hi = (ref.get(n) * panel.scale for n in panel.spread)
+                    if not (math.isnan(lo) or math.isnan(hi)):
+                        ax.axhspan(lo, hi, color=style.colour(model), alpha=0.12, lw=0, zorder=0)
                 if model not in curved_models:  # a dense-only model: show its point
                     ax.plot([ref.x], [v], ls="none", marker="o", ms=6, color=style.colour(model), zorder=3)
                 drawn += 1
@@ -182,11 +232,11 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
             t = panel.title + (f" · recover={rec}" if rec is not None else "")
             if len(groups) > 1:
                 t += f"\n{g}"
-            ax.set_title(t, fontsize=10)
-            ax.set_ylabel(panel.ylabel, fontsize=9)
-            ax.set_xlabel(X_LABEL, fontsize=9)
+            ax.set_title(t, fontsize=10 * fs)
+            ax.set_ylabel(panel.ylabel, fontsize=9 * fs)
+            ax.set_xlabel(X_LABEL, fontsize=9 * fs)
             ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=8)
+            ax.tick_params(labelsize=8 * fs)
             if panel.from_zero and drawn:
                 ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)
             if not drawn:
@@ -199,12 +249,12 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
                 hi = max(a.get_ylim()[1] for a in row)
                 for a in row:
                     a.set_ylim(lo, hi)
-    sup = title if len(groups) > 1 else f"{title} — {groups[0]}"
+    sup = title if len(groups) > 1 else f"{title}{chr(10) if page else ' — '}{groups[0]}"
     if note:
         sup += f"\n{note}"
-    fig.suptitle(sup, fontsize=12)
+    fig.suptitle(sup, fontsize=12 * fs)
     has_dense = any(p.dense is not None for p in panels) and bool(refs)
-    _legend(fig, style, points["model"], points["method"], variants if variant_cols else [], has_dense)
+    _legend(fig, style, points["model"], points["method"], variants if variant_cols else [], has_dense, fs=fs)
     return fig
 
 
@@ -219,13 +269,39 @@ def pareto_front(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
     return np.asarray(front, dtype=int)
 
 
-def pareto_figure(points: pd.DataFrame, style: Style, title: str) -> Figure:
-    """mAP50-95 against inference time and non-zero parameters, one row per timing setting."""
-    costs = [(metric("ms_inference"), "mAP50-95 vs inference time", "inference (ms/image)", 1.0),
+REL_LATENCY, REL_LATENCY_LO, REL_LATENCY_HI = "report.rel_latency", "report.rel_latency_lo", "report.rel_latency_hi"
+REL_LATENCY_LABEL = "batch-1 latency / dense's (timed alternately in one process; bars: IQR)"
+
+
+def with_relative_latency(points: pd.DataFrame) -> pd.DataFrame:
+    """Adds the batch-1 latency relative to the dense model timed alongside (1 / speed-up) and its spread:
+    each model's interquartile range relative to its median, combined (both were timed under the same load)."""
+    cols = [metric(n) for n in (contract.LATENCY_SPEEDUP_B1, contract.LATENCY_B1, contract.LATENCY_DENSE_B1,
+                               *contract.latency_quartiles(contract.LATENCY_B1),
+                               *contract.latency_quartiles(contract.LATENCY_DENSE_B1))]
+    if not all(c in points.columns for c in cols):
+        return points
+    speedup, med, dmed, q1, q3, dq1, dq3 = (points[c] for c in cols)
+    rel = 1.0 / speedup
+    lo_rel = np.sqrt(((med - q1) / med) ** 2 + ((dq3 - dmed) / dmed) ** 2)
+    hi_rel = np.sqrt(((q3 - med) / med) ** 2 + ((dmed - dq1) / dmed) ** 2)
+    return points.assign(**{REL_LATENCY: rel, REL_LATENCY_LO: rel * (1 - lo_rel), REL_LATENCY_HI: rel * (1 + hi_rel)})
+
+
+def pareto_figure(points: pd.DataFrame, style: Style, title: str,
+                  page: Optional[tuple[float, float]] = None) -> Figure:
+    """mAP50-95 against inference time and non-zero parameters, one row per timing setting
+    (``page``: that figure size, larger text)."""
+    points = with_relative_latency(points)
+    time_cost = (REL_LATENCY, "mAP50-95 vs latency relative to dense", REL_LATENCY_LABEL, 1.0)
+    if REL_LATENCY not in points.columns or points[REL_LATENCY].isna().all():  # runs from before #17
+        time_cost = (metric("ms_inference"), "mAP50-95 vs inference time", "inference (ms/image)", 1.0)
+    costs = [time_cost,
              (metric("params_nonzero"), "mAP50-95 vs non-zero parameters", "non-zero parameters (millions)",
               1e-6)]
     groups = sorted(points["timing_setting"].unique()) if len(points) else ["(no runs)"]
-    fig = Figure(figsize=(2 * 5.2, 4.0 * len(groups) + 1.3), layout="constrained")
+    fs = PAGE_FONT if page is not None else 1.0
+    fig = Figure(figsize=page or (2 * 5.2, 4.0 * len(groups) + 1.3), layout="constrained")
     axes = fig.subplots(len(groups), len(costs), squeeze=False)
     ycol = metric("mAP50-95")
     recovered = sorted(r for r in points["recover"].unique() if r != "none") if len(points) else []
@@ -241,6 +317,11 @@ def pareto_figure(points: pd.DataFrame, style: Style, title: str) -> Figure:
                     c = style.colour(r["model"])
                     ax.plot([r[col] * scale], [r[ycol]], ls="none", marker=style.markers[r["method"]], ms=7,
                             color=c, mfc=c if r["recover"] == "none" else "white", mew=1.4, zorder=3)
+                    if col == REL_LATENCY and not math.isnan(r[REL_LATENCY_LO]):  # its noise, both models'
+                        ax.errorbar([r[col]], [r[ycol]], xerr=[[r[col] - r[REL_LATENCY_LO]], [r[REL_LATENCY_HI] - r[col]]],
+                                    fmt="none", ecolor=c, elinewidth=1.2, capsize=3, zorder=3)
+                if col == REL_LATENCY:
+                    ax.axvline(1.0, color="0.35", ls=DENSE_LS, lw=1.1, zorder=1)
                 cost, val = d[col].to_numpy(float) * scale, d[ycol].to_numpy(float)
                 f = pareto_front(cost, val)
                 fx, fy = cost[f], val[f]
@@ -249,28 +330,29 @@ def pareto_figure(points: pd.DataFrame, style: Style, title: str) -> Figure:
                 for k in f:
                     r = d.iloc[k]
                     ax.annotate(f"{r['target']:.2f}", (cost[k], val[k]), xytext=(7, -9),
-                                textcoords="offset points", fontsize=7, color="0.15")
+                                textcoords="offset points", fontsize=7 * fs, color="0.15")
                 if cost.min() > 0 and cost.max() / cost.min() > 20:
                     ax.set_xscale("log")
                 ax.margins(x=0.1, y=0.06)  # room for the front labels
             tt = t + (f"\n{g}" if len(groups) > 1 else "")
-            ax.set_title(tt, fontsize=10)
-            ax.set_xlabel(xlabel + (" — log scale" if ax.get_xscale() == "log" else ""), fontsize=9)
-            ax.set_ylabel("mAP50-95", fontsize=9)
+            ax.set_title(tt, fontsize=10 * fs)
+            ax.set_xlabel(xlabel + (" — log scale" if ax.get_xscale() == "log" else ""), fontsize=9 * fs)
+            ax.set_ylabel("mAP50-95", fontsize=9 * fs)
             ax.grid(alpha=0.3, which="both")
-            ax.tick_params(labelsize=8)
-    sup = title if len(groups) > 1 else f"{title} — {groups[0]}"
-    fig.suptitle(sup, fontsize=12)
+            ax.tick_params(labelsize=8 * fs)
+    sup = title if len(groups) > 1 else f"{title}{chr(10) if page else ' — '}{groups[0]}"
+    fig.suptitle(sup, fontsize=12 * fs)
     extra = [Line2D([], [], color="0.1", lw=1.1, marker="o", mfc="none", ms=10,
                     label="Pareto front (labels: target sparsity)")]
     if recovered:
         extra.append(Line2D([], [], ls="none", marker="o", color="0.25", mfc="white",
                             label=f"hollow: recover={', '.join(recovered)}"))
-    _legend(fig, style, points["model"], points["method"], [], False, extra)
+    _legend(fig, style, points["model"], points["method"], [], False, extra, fs=fs)
     return fig
 
 
-def sensitivity_figure(runs: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], title: str) -> Figure:
+def sensitivity_figure(runs: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], title: str,
+                       page: Optional[tuple[float, float]] = None) -> Figure:
     """Heatmaps layer x target sparsity, colour = mAP50-95 drop from the dense model (points).
 
     ``runs``: finished, de-duplicated runs with a non-empty ``include`` and target > 0.
@@ -281,7 +363,7 @@ def sensitivity_figure(runs: pd.DataFrame, refs: dict[tuple[str, str], DenseRef]
     nrows = math.ceil(len(combos) / ncols)
     layers_max = max((r["include"].map(", ".join).nunique() for _, r in combos), default=1)
     h = max(3.2, 0.32 * layers_max + 1.6)
-    fig = Figure(figsize=(6.6 * ncols, h * nrows + 0.8), layout="constrained")
+    fig = Figure(figsize=page or (6.6 * ncols, h * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     ycol = metric("mAP50-95")
     for k, ((setting, model, method, recover), d) in enumerate(combos):

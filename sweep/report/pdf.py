@@ -11,7 +11,7 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
 A4_LANDSCAPE = (11.69, 8.27)
-ROWS_PER_PAGE = 28
+ROWS_PER_PAGE = 22
 STATUS_CHARS = 48
 
 
@@ -21,31 +21,38 @@ def table_pages(table: pd.DataFrame) -> int:
 
 
 def title_page(title: str, fields: list[tuple[str, str]], notes: list[str]) -> Figure:
-    """Key facts of the sweep, then the notes (cut with a pointer to results.md when they overflow)."""
+    """Key facts of the sweep, then the notes, spread over the page at a reading size (12 pt facts);
+    the notes are cut with a pointer to results.md when they overflow."""
     fig = Figure(figsize=A4_LANDSCAPE)
-    fig.text(0.06, 0.93, title, fontsize=20, weight="bold", va="top")
-    y = 0.84
+    fig.text(0.05, 0.94, title, fontsize=20, weight="bold", va="top")
+    lines = []  # (key or "", text, monospace)
     for key, value in fields:
-        lines = textwrap.wrap(str(value), 100) or ["—"]
-        fig.text(0.06, y, key, fontsize=10.5, weight="bold", va="top")
-        for line in lines[:2]:
-            fig.text(0.24, y, line, fontsize=10.5, va="top",
-                     family="monospace" if key in ("git commit", "parent run") else None)
-            y -= 0.034
-        y -= 0.006
-    if notes:
-        y -= 0.015
-        fig.text(0.06, y, "Notes", fontsize=10.5, weight="bold", va="top")
-        y -= 0.035
-        lines = []
-        for n in notes:
-            lines += [("• " if k == 0 else "   ") + line for k, line in enumerate(textwrap.wrap(n, 150))]
-        room = max(1, int((y - 0.02) / 0.027))
-        if len(lines) > room:
-            lines = lines[:room - 1] + ["… more notes in results.md"]
-        for line in lines:
-            fig.text(0.07, y, line, fontsize=8.5, va="top")
-            y -= 0.027
+        for k, line in enumerate((textwrap.wrap(str(value), 95) or ["—"])[:2]):
+            lines.append((key if k == 0 else "", line, key in ("git commit", "parent run")))
+    note_lines = []
+    for n in notes:
+        note_lines += [("• " if k == 0 else "   ") + line for k, line in enumerate(textwrap.wrap(n, 125))]
+    # 0.86 .. 0.04 of the page: facts first, notes under them; the line pitch shrinks only when it must
+    room = 0.82 - (0.05 if note_lines else 0.0)
+    pitch = min(0.045, room / max(1, len(lines) + 0.8 * len(note_lines)))
+    size = min(12.5, max(9.0, pitch * A4_LANDSCAPE[1] * 72 / 1.45))
+    y = 0.86
+    for key, line, mono in lines:
+        if key:
+            fig.text(0.05, y, key, fontsize=size, weight="bold", va="top")
+        fig.text(0.23, y, line, fontsize=size, va="top", family="monospace" if mono else None)
+        y -= pitch
+    if note_lines:
+        y -= 0.02
+        fig.text(0.05, y, "Notes", fontsize=size, weight="bold", va="top")
+        y -= pitch
+        npitch = max(0.8 * pitch, 0.024)
+        fit = max(1, int((y - 0.03) / npitch))
+        if len(note_lines) > fit:
+            note_lines = note_lines[:fit - 1] + ["… more notes in results.md"]
+        for line in note_lines:
+            fig.text(0.06, y, line, fontsize=max(8.5, size - 1.5), va="top")
+            y -= npitch
     return fig
 
 
@@ -70,12 +77,14 @@ def table_figures(table: pd.DataFrame, title: str) -> list[Figure]:
         fig.text(0.03, 0.95, title + suffix, fontsize=13, weight="bold", va="top")
         if len(chunk):
             cells = [[str(v) for v in row] for row in chunk.itertuples(index=False)]
-            tab = ax.table(cellText=cells, colLabels=cols, loc="upper center", cellLoc="left",
+            # rows of one height on every page, a full page reaching the bottom margin
+            h = (len(chunk) + 1) / (ROWS_PER_PAGE + 1)
+            tab = ax.table(cellText=cells, colLabels=cols, cellLoc="left", bbox=(0.0, 1.0 - h, 1.0, h),
                            colWidths=[w / total for w in width])
             tab.auto_set_font_size(False)
-            fontsize = 7 if total < 190 else 6
+            # as large as the widest row allows across the page (about 0.55 em per character), 7..10.5 pt
+            fontsize = max(7.0, min(10.5, 0.94 * A4_LANDSCAPE[0] * 72 / (0.56 * total)))
             tab.set_fontsize(fontsize)
-            tab.scale(1.0, 1.25)
             for (r, _c), cell in tab.get_celld().items():
                 if r == 0:
                     cell.set_text_props(weight="bold")
