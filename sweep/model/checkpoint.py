@@ -625,7 +625,8 @@ def _from_ours(obj: Mapping[str, Any], path: Path) -> tuple[DetectionModel, dict
 
 
 def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> LoadedCheckpoint:
-    """Load an official YOLOv5 ``.pt`` (any nc, v5.0+ modules) or one written by ``save_checkpoint``.
+    """Load an official YOLOv5 ``.pt`` (any nc, v5.0+ modules), one written by ``save_checkpoint``, or an
+    artifact of ``sweep.model.artifact.save_artifact`` (its folder, ``.json`` or ``.safetensors``).
 
     Never executes code from the file: globals outside ``allowed_globals()`` are refused
     with ``CheckpointError`` naming the global. Returns the rebuilt model in FP32, eval mode
@@ -633,6 +634,9 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> Loade
     the caller has it already (else it is computed).
     """
     path = Path(path)
+    if path.is_dir() or path.suffix in (".safetensors", ".json"):  # our pickle-free artifact
+        from sweep.model.artifact import load_artifact
+        return load_artifact(path)
     if not path.is_file():
         raise CheckpointError(f"cannot load {path}: no such file")
     if path.stat().st_size == 0:
