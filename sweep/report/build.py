@@ -202,7 +202,7 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
             worst = busy.loc[busy[spread_col].idxmax()]
             notes.append(f"busy machine: the batch-1 latency of {_plural(len(busy), 'run')} spread by more than "
                          f"{100 * contract.LATENCY_BUSY_SPREAD:.0f}% of its median (interquartile range; worst "
-                         f"{100 * worst[spread_col]:.0f}%, {worst['run_name']}): its ms figures are not reliable; the "
+                         f"{100 * worst[spread_col]:.0f}%, {worst['run_name']}): {'its' if len(busy) == 1 else 'their'} ms figures are not reliable; the "
                          f"speed-up over dense (timed alternately in the same process) is less affected — rerun "
                          f"on a quiet machine to trust the timings")
     if (~ok["x_measured"]).any():

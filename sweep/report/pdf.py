@@ -34,7 +34,7 @@ def title_page(title: str, fields: list[tuple[str, str]], notes: list[str]) -> F
         note_lines += [("• " if k == 0 else "   ") + line for k, line in enumerate(textwrap.wrap(n, 125))]
     # 0.86 .. 0.04 of the page: facts first, notes under them; the line pitch shrinks only when it must
     room = 0.82 - (0.05 if note_lines else 0.0)
-    pitch = min(0.045, room / max(1, len(lines) + 0.8 * len(note_lines)))
+    pitch = min(0.045, room / (len(lines) + 0.8 * len(note_lines) + (1 if note_lines else 0)))
     size = min(12.5, max(9.0, pitch * A4_LANDSCAPE[1] * 72 / 1.45))
     y = 0.86
     for key, line, mono in lines:
@@ -46,8 +46,8 @@ def title_page(title: str, fields: list[tuple[str, str]], notes: list[str]) -> F
         y -= 0.02
         fig.text(0.05, y, "Notes", fontsize=size, weight="bold", va="top")
         y -= pitch
-        npitch = max(0.8 * pitch, 0.024)
-        fit = max(1, int((y - 0.03) / npitch))
+        npitch = max(0.8 * pitch, 0.022)  # below the smallest pitch the rest goes to results.md
+        fit = max(1, int((y - 0.01) / npitch))
         if len(note_lines) > fit:
             note_lines = note_lines[:fit - 1] + ["… more notes in results.md"]
         for line in note_lines:
