@@ -44,6 +44,9 @@ def metric_order(names: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
             + tuple(latency_batch_metric(b) for b in batches))
 
 
+# Fine-tuning's per-step series (``finetune``'s step record key -> metric name), logged as MLflow step metrics.
+TRAIN_CURVES = {"loss": "train_loss", "box": "train_box", "obj": "train_obj", "cls": "train_cls", "lr1": "train_lr"}
+
 # Keys of outcome.json's metrics (the end-of-sweep table).
 SUMMARY_METRICS = ("mAP50-95", "mAP50", "AR100", "sparsity", "ms_inference")
 

@@ -143,12 +143,13 @@ class ProcessMemo:
         data.batches = kept
 
     # -- recovery -----------------------------------------------------------------------------
-    def calibration(self, spec: RecoverSpec, ev: EvalSpec, eval_files: list[str],
-                    device: torch.device) -> Calibration | None:
-        """Calibration images for ``spec`` (None for ``recover=none``), checked against the evaluation images."""
+    def calibration(self, spec: RecoverSpec, ev: EvalSpec, eval_files: list[str], device: torch.device,
+                    names: list[str] | None = None) -> Calibration | None:
+        """Calibration (and, for methods that train, labeled training) images for ``spec`` (None for
+        ``recover=none``), checked against the evaluation images."""
         if spec.source is None:
             return None
-        key = (spec, ev.imgsz, ev.workers, tuple(eval_files), str(device))
+        key = (spec, ev.imgsz, ev.workers, tuple(eval_files), str(device), tuple(names or ()))
         if key not in self.calib:
-            self.calib = {key: calibration_images(spec, ev.imgsz, ev.workers, eval_files, device)}
+            self.calib = {key: calibration_images(spec, ev.imgsz, ev.workers, eval_files, device, names, ev.progress)}
         return self.calib[key]

@@ -222,8 +222,11 @@ def test_coco_val128_calibration_split_resolves_with_a_relative_or_absolute_cach
     spec = resolve_job(cfg, memo)
     [cal] = memo.calib.values()
     assert spec.recover.source_key == "data.train" and len(cal.files) == 128
-    assert all(Path(f).resolve().parent == (assets / "datasets" / "coco128-calib" / "images" / "train2017").resolve()
+    assert all(Path(f).resolve().parent == (assets / "datasets" / "coco128" / "images" / "train2017").resolve()
                for f in cal.files)
+    # the labeled coco128 holds the very images of coco128-calib: BatchNorm calibration is unchanged
+    calib = sorted(p.name for p in (assets / "datasets" / "coco128-calib" / "images" / "train2017").glob("*.jpg"))
+    assert [Path(f).name for f in cal.files] == calib
 
 
 def test_a_single_run_closes_runs_left_running_by_dead_processes_of_this_host(tmp_path, assets):

@@ -259,14 +259,15 @@ def real_cfg(assets: Path, **over):
 
 
 @pytest.mark.assets
-def test_real_default_calibration_is_coco128_calib_disjoint_from_val(assets, calib_dir, val128_dir):
+def test_real_default_calibration_is_coco128_disjoint_from_val(assets, calib_dir, val128_dir):
     from sweep.data.dataset import list_image_files
 
     cfg = real_cfg(assets, **{"eval.imgsz": 320})
     val = eval_data([Path(f) for f in list_image_files(val128_dir / "images" / "val2017")])
     cal = calibration_source(cfg, val, "cpu")
     assert len(cal) == 128 and cal.files == sorted(cal.files)
-    assert Path(cal.files[0]).parent.resolve() == calib_dir.resolve()
+    assert Path(cal.files[0]).parent.resolve() == (assets / "datasets" / "coco128" / "images" / "train2017").resolve()
+    assert [Path(f).name for f in cal.files] == sorted(p.name for p in calib_dir.glob("*.jpg"))  # coco128-calib's
     cfg.recover.data = str(val128_dir / "images" / "val2017")
     with pytest.raises(ConfigError, match="also evaluation images"):
         calibration_source(cfg, val, "cpu")
@@ -289,3 +290,64 @@ def test_real_yolov5n_bn_recalibration_keeps_zeros(assets, yolov5n_path, val128_
     assert zeros(model) == n_zero
     new = bn_buffers(model)
     assert all(not torch.equal(stats[k], new[k]) for k in stats if k.endswith("running_var"))
+
+
+# --------------------------------------------------------------------------- recover=finetune, as a job
+
+
+FINETUNE = ("model=yolov5n", "data=coco-val128", "data.limit=8", "eval.imgsz=320", "prune.fused=false",
+            "recover=finetune", "recover.images=8", "recover.data_limit=8", "recover.batch=4", "sparsity=0.3")
+
+
+@pytest.mark.assets
+def test_finetune_job_keeps_zeros_logs_curves_and_hashes_its_budget(tmp_path, assets):
+    from helpers import make_cfg, runs
+    from mlflow.tracking import MlflowClient
+
+    from sweep.config.resolve import resolve_job
+    from sweep.job import JobContext, run_job
+    from sweep.memo import ProcessMemo
+
+    memo = ProcessMemo()
+    cfg = make_cfg(tmp_path, *FINETUNE, "recover.hyp.lr0=0.002")
+    out = run_job(cfg, JobContext(tmp_path / "job"), memo)
+    m = out.metrics
+    assert out.status == "done" and m["recover_method"] == "finetune"
+    assert m["sparsity"] == pytest.approx(0.3, abs=1e-6)  # pruned weights stayed exactly zero through training
+    assert m["recalibrate_images"] == 8 and m["recover_images"] == 8 and m["recover_steps"] >= 1
+    [run] = runs(tmp_path)
+    assert run.info.run_name == "yolov5n-l1_unstructured-unfused-finetune-s0.30"
+    assert run.data.params["recover.hyp.lr0"] == "0.002" and run.data.params["recover.epochs"] == "1"
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run.info.run_id, "train_loss")
+    assert [h.step for h in history] == list(range(len(m["train_loss"]))) and len(history) == 2  # 8 images / 4
+    # the budget and every hyperparameter are part of the config hash (resume stays exact); bn's hash ignores them
+    hashes = {resolve_job(make_cfg(tmp_path, *FINETUNE, *o), memo).config_hash
+              for o in ((), ("recover.epochs=3",), ("recover.hyp.lr0=0.002",))}
+    assert len(hashes) == 3
+    bn = ("model=yolov5n", "data=coco-val128", "data.limit=8", "eval.imgsz=320", "prune.fused=false", "recover=bn",
+          "recover.images=8", "sparsity=0.3")
+    assert resolve_job(make_cfg(tmp_path, *bn), memo).config_hash == \
+        resolve_job(make_cfg(tmp_path, *bn, "recover.epochs=3", "recover.hyp.lr0=0.002"), memo).config_hash
+
+
+@pytest.mark.assets
+@pytest.mark.parametrize("overrides,error,match", [
+    (("prune.fused=true",), ConfigError, "prune.fused=true is not allowed"),
+    (("+recover.hyp.lr9=1",), ConfigError, "recover.hyp.lr9=1.0 is unknown: allowed are YOLOv5.s hyp.scratch-low keys"),
+    (("recover.epochs=0",), ConfigError, "recover.epochs=0"),
+    (("recover.data=calib",), ConfigError, "has no labels"),
+    (("recover.data=val",), ConfigError, "also evaluation images"),
+])
+def test_finetune_bad_inputs_fail_before_any_run(tmp_path, assets, val128_dir, overrides, error, match):
+    from helpers import make_cfg, runs
+
+    from sweep.job import JobContext, run_job
+
+    places = {"calib": str(assets / "datasets" / "coco128-calib" / "images" / "train2017"),
+              "val": str(val128_dir / "images" / "val2017")}
+    overrides = tuple(o.replace("=calib", f"={places['calib']}").replace("=val", f"={places['val']}")
+                      if o.startswith("recover.data=") else o for o in overrides)
+    cfg = make_cfg(tmp_path, *FINETUNE, *overrides)
+    with pytest.raises(error, match=match):
+        run_job(cfg, JobContext(tmp_path / "job"))
+    assert runs(tmp_path) == [] and not (tmp_path / "job").exists()

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from sweep import assets, contract
+from sweep.config.hyp import HYP_SCRATCH_LOW
 from sweep.config.schema import ConfigError
 from sweep.config.spec import (DataSpec, EvalSpec, JobSpec, ModelSpec, PruneSpec, RecoverSpec, Source,
                                TrackSpec)
@@ -34,6 +35,9 @@ from sweep.recover.calibration import ALLOWED_SOURCES
 
 DEFAULT_IMGSZ = 640
 DATASET_CONFIG_SUFFIXES = (".yaml", ".yml")
+DATA_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "data"  # the `data=` options, by name
+# The recover settings that change each method's result (the rest of recover.* is left out of its hash).
+RECOVER_KEYS = {"bn": ("method", "data", "images", "batch", "allow_eval_images")}
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -96,6 +100,18 @@ def _check_values(c: Mapping[str, Any]) -> None:
     _check(r["images"] >= 1, "recover.images", r["images"], "an integer >= 1")
     _check(r["batch"] >= 1, "recover.batch", r["batch"], "an integer >= 1")
     _check(c["mlflow"]["retries"] >= 0, "mlflow.retries", c["mlflow"]["retries"], "an integer >= 0")
+    _check(r["epochs"] >= 1, "recover.epochs", r["epochs"], "an integer >= 1")
+    if r["iters"] is not None:
+        _check(r["iters"] >= 1, "recover.iters", r["iters"], "an integer >= 1 or null (no cap)")
+    if r["data_limit"] is not None:
+        _check(r["data_limit"] >= 1, "recover.data_limit", r["data_limit"], "an integer >= 1 or null")
+    unknown = sorted(set(r["hyp"]) - set(HYP_SCRATCH_LOW))
+    if unknown:
+        raise ConfigError(f"recover.hyp.{unknown[0]}={r['hyp'][unknown[0]]!r} is unknown: allowed are YOLOv5's "
+                          f"hyp.scratch-low keys: {', '.join(HYP_SCRATCH_LOW)}")
+    for key, value in r["hyp"].items():
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+               f"recover.hyp.{key}", value, "a finite number")
     for key, value, registry in (("prune.method", c["prune"]["method"], PRUNERS),
                                  ("recover.method", r["method"], RECOVERERS),
                                  ("eval.backend", e["backend"], EVALUATORS)):
@@ -188,15 +204,32 @@ def resolve_recover(c: Mapping[str, Any], data: DataSpec) -> RecoverSpec:
     """``c['recover']`` with its calibration source: ``recover.data`` (an image folder, a ``.txt`` list, or a
     YOLOv5 data yaml's ``train`` split; relative to the working directory), else the dataset's train split."""
     r = c["recover"]
-    source, key = _calibration_source(r, c["data"], data)
-    return RecoverSpec(str(r["method"]), source, key, int(r["images"]), int(r["batch"]), bool(r["allow_eval_images"]))
+    source, key = _calibration_source(r, c["data"], data, assets.cache_root(c["paths"]["cache"]))
+    return RecoverSpec(str(r["method"]), source, key, int(r["images"]), int(r["batch"]), bool(r["allow_eval_images"]),
+                       int(r["epochs"]), r["iters"], bool(r["augment"]), bool(r["recalibrate"]),
+                       tuple(sorted((k, float(v)) for k, v in r["hyp"].items())), r["data_limit"], int(r["seed"]))
 
 
-def _calibration_source(r: Mapping[str, Any], data_cfg: Mapping[str, Any], data: DataSpec) -> tuple[Source | None, str]:
+def _named_train_split(name: str, config: Path, cache: Path) -> Source:
+    """The ``train`` split of one of the data configs under ``conf/data`` (``recover.data=coco128``)."""
+    d = OmegaConf.to_container(OmegaConf.load(config))
+    assert isinstance(d, dict)
+    if not d.get("train"):
+        raise ConfigError(f"recover.data={name!r}: that data config has no train split; allowed is "
+                          f"{ALLOWED_SOURCES}")
+    root = Path(str(d["path"])).expanduser() if d.get("path") else assets.dataset_path(cache, str(d.get("name", name)))
+    return _join(root, d["train"])
+
+
+def _calibration_source(r: Mapping[str, Any], data_cfg: Mapping[str, Any], data: DataSpec,
+                        cache: Path) -> tuple[Source | None, str]:
     if r["method"] == "none":
         return None, ""
     if r.get("data"):
         p = Path(str(r["data"])).expanduser()
+        named = DATA_CONFIGS / f"{r['data']}.yaml"
+        if not p.exists() and p.name == str(r["data"]) and named.is_file():  # a data config's name, e.g. coco128
+            return _named_train_split(str(r["data"]), named, cache), "recover.data"
         if p.suffix.lower() in DATASET_CONFIG_SUFFIXES:
             try:
                 y = load_data_yaml(p)
@@ -241,7 +274,9 @@ def semantic_config(c: Mapping[str, Any], weights_sha256: str, device: torch.dev
     """
     prune = {k: v for k, v in c["prune"].items() if k != "save"}
     dense = sparsity == 0.0 and c["recover"]["method"] == "none"
-    recover = c["recover"] if c["recover"]["method"] != "none" else {"method": "none"}
+    r = c["recover"]
+    keys = RECOVER_KEYS.get(r["method"], tuple(r)) if r["method"] != "none" else ("method",)
+    recover = {k: r[k] for k in keys}
     e = c["eval"]
     data = {k: c["data"].get(k) for k in ("name", "val", "annotations", "limit", "coco80_to_91")}
     if c["data"].get("yaml"):

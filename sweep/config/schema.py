@@ -14,6 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from sweep.contract import DEFAULT_EXPERIMENT, DEFAULT_OUTPUTS
+from sweep.config.hyp import HYP_SCRATCH_LOW
 
 
 class ConfigError(ValueError):
@@ -73,13 +74,29 @@ class PruneConfig:
 
 @dataclass
 class RecoverConfig:
-    """Accuracy recovery after pruning. ``method`` is a key of ``sweep.recover.methods.RECOVERERS``."""
+    """Accuracy recovery after pruning. ``method`` is a key of ``sweep.recover.methods.RECOVERERS``.
+
+    ``data``: where the images come from (an image folder, a ``.txt`` list, a YOLOv5 data yaml, or the
+    name of a data config such as ``coco128``; default: the dataset's ``train`` split). ``images`` and
+    ``batch``: BatchNorm recalibration's images and batch (finetune: also the training batch, nominal
+    64 by gradient accumulation). The rest is ``finetune``'s: ``epochs`` of YOLOv5's recipe (an
+    optional ``iters`` cap on training batches), ``augment`` (mosaic, affine, HSV, flips),
+    ``recalibrate`` BatchNorm first, ``hyp`` (YOLOv5's hyp.scratch-low values, each overridable:
+    ``recover.hyp.lr0=0.002``), ``data_limit`` (the first N training images), ``seed``.
+    """
 
     method: str = "none"
     data: Optional[str] = None
     images: int = 128
     batch: int = 32
     allow_eval_images: bool = False
+    epochs: int = 1
+    iters: Optional[int] = None
+    augment: bool = True
+    recalibrate: bool = True
+    hyp: dict[str, float] = field(default_factory=lambda: dict(HYP_SCRATCH_LOW))
+    data_limit: Optional[int] = None
+    seed: int = 0
 
 
 @dataclass

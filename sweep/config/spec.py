@@ -49,7 +49,8 @@ class PruneSpec:
 
 @dataclass(frozen=True)
 class RecoverSpec:
-    """``source``: the calibration images (None for ``none``); ``source_key``: the config key it came from."""
+    """``source``: the calibration (finetune: also training) images, None for ``none``; ``source_key``:
+    the config key it came from. ``hyp``: finetune's full hyperparameters as sorted (key, value) pairs."""
 
     method: str = "none"
     source: Source | None = None
@@ -57,6 +58,18 @@ class RecoverSpec:
     images: int = 128
     batch: int = 32
     allow_eval_images: bool = False
+    epochs: int = 1
+    iters: int | None = None
+    augment: bool = True
+    recalibrate: bool = True
+    hyp: tuple[tuple[str, float], ...] = ()
+    data_limit: int | None = None
+    seed: int = 0
+
+    @property
+    def labeled(self) -> bool:
+        """Whether the method trains on labels (its images must come with YOLO label files)."""
+        return self.method == "finetune"
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from sweep.data.dataset import Dataset, letterbox, load_image
-from sweep.recover.hyp import resolve_hyp
+from sweep.config.hyp import resolve_hyp
 
 __all__ = ["TrainLoader", "mosaic4", "random_perspective", "box_candidates", "augment_hsv", "xywhn_to_xyxy",
            "xyxy_to_xywhn", "collate"]

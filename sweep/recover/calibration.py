@@ -23,6 +23,7 @@ from sweep.assets import file_sha256
 from sweep.config.schema import ConfigError
 from sweep.config.spec import RecoverSpec
 from sweep.data import DataError, Dataset
+from sweep.data.train import TrainLoader
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class Calibration:
     batch: int
     device: torch.device
     dataset: Any = field(repr=False, default=None)  # sweep.data.Dataset (rect=False, labels=False)
+    train: Any = field(repr=False, default=None)    # sweep.data.train.TrainLoader, for methods that train
+    progress: bool = True
 
     def __len__(self) -> int:
         return len(self.files)
@@ -96,7 +99,7 @@ def eval_overlap(calibration_files: list[str], eval_files: list[str]) -> list[tu
 
 
 def calibration_images(spec: RecoverSpec, imgsz: int, workers: int, eval_files: Sequence[str],
-                       device: Any) -> Calibration | None:
+                       device: Any, names: Sequence[str] | None = None, progress: bool = True) -> Calibration | None:
     """The calibration images of ``spec.source`` (None when there is none, i.e. ``recover=none``).
 
     The first ``spec.images`` files in sorted path order are taken; an unreadable one among them is
@@ -104,6 +107,11 @@ def calibration_images(spec: RecoverSpec, imgsz: int, workers: int, eval_files: 
     to a square ``imgsz`` canvas, ``spec.batch`` per forward pass. ``eval_files``: the paths of the
     evaluated images. Raises ConfigError when the source has no usable image, and when a calibration
     image is also an evaluation image (unless ``spec.allow_eval_images``).
+
+    A method that trains (``spec.labeled``) also gets its labeled training batches (``train``: every
+    image of the source, or the first ``spec.data_limit``, with YOLOv5's augmentation unless
+    ``spec.augment`` is false; class ids checked against ``names``), under the same rules plus one:
+    the source must have labels.
     """
     if spec.source is None:
         return None
@@ -131,4 +139,30 @@ def calibration_images(spec: RecoverSpec, imgsz: int, workers: int, eval_files: 
     if pairs:
         log.warning("calibration: %d of %d images are evaluation images (recover.allow_eval_images=true)",
                     len(pairs), len(ds))
-    return Calibration(list(ds.files), shown, imgsz, spec.batch, torch.device(device), ds)
+    train = _training_batches(spec, shown, imgsz, workers, eval_files, names) if spec.labeled else None
+    return Calibration(list(ds.files), shown, imgsz, spec.batch, torch.device(device), ds, train, progress)
+
+
+def _training_batches(spec: RecoverSpec, shown: str, imgsz: int, workers: int, eval_files: Sequence[str],
+                      names: Sequence[str] | None) -> Any:
+    """The labeled training loader of ``spec.source``, refused when it has no labels or holds evaluated images."""
+    key = spec.source_key
+    src = list(spec.source) if not isinstance(spec.source, str) else spec.source
+    try:
+        loader = TrainLoader(src, imgsz=imgsz, batch=spec.batch, hyp=dict(spec.hyp), augment=spec.augment,
+                             seed=spec.seed, workers=workers, names=list(names) if names else None,
+                             limit=spec.data_limit)
+    except DataError as e:
+        raise ConfigError(f"{key}={shown!r} gives no training images ({e}); allowed is a labeled YOLO dataset "
+                          "split (images with label files beside them under labels/)") from None
+    if loader.instances == 0:
+        raise ConfigError(f"{key}={shown!r} has no labels (no YOLO label file beside its {len(loader.files)} "
+                          f"images): recover.method={spec.method!r} trains on labels; allowed is a labeled split "
+                          "(e.g. data=coco-val128 trains on the labeled coco128)")
+    pairs = eval_overlap(loader.files, list(eval_files))
+    if pairs and not spec.allow_eval_images:
+        c, e = pairs[0]
+        raise ConfigError(f"{key}={shown!r}: {len(pairs)} training image(s) are also evaluation images (e.g. {c} is "
+                          f"{e}); training on the evaluated images inflates the result. Allowed: a training split "
+                          "disjoint from the evaluation set, or recover.allow_eval_images=true to do it anyway")
+    return loader

@@ -6,6 +6,10 @@ has the one signature ``fn(model, spec: RecoverSpec, calibration) -> dict[str, f
 changes ``model`` in place; a new method is one more function and one more registry entry.
 
 * ``none``: the tutorial; returns ``{}`` and touches nothing.
+* ``finetune``: YOLOv5's training recipe on labeled images (``sweep.recover.finetune``): BatchNorm
+  recalibration first (unless ``recover.recalibrate=false``), then ``recover.epochs`` epochs (optionally
+  capped at ``recover.iters`` batches) with pruned weights held at exactly zero; the EMA weights are
+  what is evaluated, as YOLOv5 saves them. The loss and learning-rate curves are returned per step.
 * ``bn``: BatchNorm recalibration. Pruning shifts every layer's activation statistics, so the
   running mean/variance that BatchNorm (and, after fusion, the folded conv bias/scale) uses are
   stale. ``bn`` resets them and re-estimates them by forward passes in train mode, without
@@ -31,11 +35,14 @@ from torch import nn
 
 from sweep.config.schema import ConfigError
 from sweep.config.spec import RecoverSpec
+from sweep import contract
 from sweep.recover.calibration import ALLOWED_SOURCES, Calibration
+from sweep.recover.finetune import finetune
 
 log = logging.getLogger(__name__)
 
-RecovererFn = Callable[[nn.Module, RecoverSpec, "Calibration | None"], dict[str, float]]
+# Values are numbers, or per-step lists of numbers (logged as MLflow step metrics).
+RecovererFn = Callable[[nn.Module, RecoverSpec, "Calibration | None"], dict[str, Any]]
 
 
 # --------------------------------------------------------------------------- recoverers
@@ -110,7 +117,28 @@ def bn_recalibration(model: nn.Module, spec: RecoverSpec, calibration: Calibrati
     return {"recover_images": seen, "recover_seconds": float(seconds)}
 
 
+def finetune_recovery(model: nn.Module, spec: RecoverSpec, calibration: Calibration | None) -> dict[str, Any]:
+    """``recover=finetune``: BatchNorm recalibration, then YOLOv5's recipe on the labeled training batches."""
+    if calibration is None or calibration.train is None:
+        raise ConfigError("recover.method='finetune' needs labeled training images: set recover.data to a labeled "
+                          "split (a data config such as coco128, or a YOLOv5 data yaml)")
+    metrics: dict[str, Any] = {}
+    if spec.recalibrate:
+        bn = bn_recalibration(model, spec, calibration)
+        metrics |= {"recalibrate_images": bn["recover_images"], "recalibrate_seconds": bn["recover_seconds"]}
+    steps: list[dict[str, float]] = []
+    trained = finetune(model, calibration.train, batch=spec.batch, epochs=spec.epochs, iters=spec.iters,
+                       hyp=dict(spec.hyp), imgsz=calibration.imgsz, device=calibration.device,
+                       progress=calibration.progress, on_step=lambda i, m: steps.append(m))
+    metrics |= trained
+    metrics["recover_seconds"] = trained["recover_seconds"] + metrics.get("recalibrate_seconds", 0.0)
+    for key, name in contract.TRAIN_CURVES.items():  # per-step series: the MLflow UI plots them
+        metrics[name] = [s[key] for s in steps]
+    return metrics
+
+
 RECOVERERS: dict[str, RecovererFn] = {
     "none": no_recovery,
     "bn": bn_recalibration,
+    "finetune": finetune_recovery,
 }

@@ -138,6 +138,9 @@ class Tracker:
         now = int(time.time() * 1000)
         p = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         m = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if _is_number(v)]
+        # a list is a per-step series (e.g. the fine-tuning loss): one value per step, plotted by the MLflow UI
+        m += [Metric(k, float(x), now, step) for k, v in (metrics or {}).items() if isinstance(v, (list, tuple))
+              for step, x in enumerate(v) if _is_number(x)]
         t = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
         for chunk in _chunks(p, 100):
             self._call(self.client.log_batch, run_id, params=chunk)
