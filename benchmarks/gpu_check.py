@@ -95,7 +95,8 @@ def ensure_imports(bundle: Path = BUNDLE) -> None:
         if not wheels.is_dir():
             raise SystemExit(f"missing packages and no wheels in {wheels}: run --prepare where there is internet")
         names = [p.split("==")[0] for p in PURE + BINARY]
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--find-links",
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
+                        "--find-links",
                         str(wheels), "--target", str(site), *names], check=True)
     sys.path.insert(0, str(site))
 
