@@ -111,3 +111,31 @@ def test_read_outcomes_reports_a_job_that_started_without_an_outcome_as_lost(tmp
     assert (outcomes[1].job, outcomes[1].status, outcomes[1].name, outcomes[1].reason) == (
         "1", "failed", "yolov5n-l1_unstructured-s0.30", LOST)
     assert summary_table(outcomes).splitlines()[-1] == "sweep: 3 done, 0 skipped, 1 failed"
+
+
+def test_two_sweeps_launched_in_the_same_second_never_share_a_sweep(tmp_path, assets):
+    """Regression: the sweep id and folder came from the launch second, so two launches collided (job folders
+    overwritten, one parent run with the other's children). Now each launch gets its own id."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import FAST, REPO
+
+    out = tmp_path / "outputs"
+    env = os.environ.copy()
+    cmd = [sys.executable, "-m", "sweep", "-m", *TINY[:2], "data.limit=2", "eval.imgsz=320", "report=false",
+           f"paths.outputs={out}", f"paths.preprocessed={out}/pre", *FAST]
+    procs = [subprocess.Popen([*cmd, f"sparsity={s}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for s in ("0.3,0.5", "0.6,0.7")]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    sweeps = sorted((out / "multirun").iterdir())
+    assert len(sweeps) == 2 and all(sorted(p.name for p in d.glob("?")) == ["0", "1"] for d in sweeps)
+    parents = _parents(out)
+    assert len(parents) == 2 and len({p.data.tags["sweep_id"] for p in parents}) == 2
+    for parent in parents:
+        kids = [r for r in _children(out) if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        assert len(kids) == 2 and parent.data.tags["jobs_done"] == "2"
+        assert {r.data.tags["sweep_id"] for r in kids} == {parent.data.tags["sweep_id"]}

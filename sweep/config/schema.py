@@ -8,10 +8,13 @@ tests) call it, never an import. What the values mean and which are allowed is c
 
 from __future__ import annotations
 
+import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from sweep.contract import DEFAULT_EXPERIMENT, DEFAULT_OUTPUTS
 from sweep.config.hyp import HYP_SCRATCH_LOW
@@ -164,6 +167,15 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore (idempotent). Only the top-level schema: it
-    types every group's node, and group-level entries would show up as choices (``model=model_schema``)."""
+    """Register the schema with Hydra's ConfigStore and the ``launch_id`` resolver (idempotent). Only the
+    top-level schema: it types every group's node, and group-level entries would show up as choices
+    (``model=model_schema``)."""
     ConfigStore.instance().store(name="config_schema", node=Config)
+    OmegaConf.register_new_resolver("launch_id", launch_id, use_cache=True, replace=True)
+
+
+def launch_id() -> str:
+    """A short id no two launches share, also two started in the same second on one host (``${launch_id:}`` in
+    the sweep folder's name). Cached per config like Hydra's ``now``, which Hydra copies into every job's
+    config, so the jobs of one sweep (in any launcher's workers) agree on it."""
+    return f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
