@@ -154,6 +154,8 @@ class Outcome:
 # ------------------------------------------------------------------------------- tracking defaults
 
 DEFAULT_EXPERIMENT = "yolov5-sparsity"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"   # MLflow 3's UI: which view an experiment opens on
+EXPERIMENT_KIND = "custom_model_development"     # the runs table (model training), not the GenAI overview
 DEFAULT_OUTPUTS = "outputs"
 
 

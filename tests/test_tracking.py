@@ -61,3 +61,17 @@ def test_processes_creating_one_new_sqlite_store_at_once_all_succeed(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for _, e in results]
     tracker = Tracker(uri, "exp")
     assert len(tracker.search("")) == 3
+
+
+def test_the_experiment_opens_on_its_runs_table_in_mlflow_3(tmp_path):
+    """MLflow 3's UI opens an experiment without a kind on the GenAI overview; ours is a model-training one,
+    also when the experiment existed before (an older store)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "fresh")
+    kind = MlflowClient(uri).get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"
+    old = MlflowClient(uri).create_experiment("older")
+    Tracker(uri, "older")
+    assert MlflowClient(uri).get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, TypeVar
 import torch
 
 from sweep.config.spec import TrackSpec
-from sweep.contract import ROLE_PARENT, TAG_CONFIG_HASH, TAG_ERROR, TAG_HOST, TAG_PID, TAG_ROLE, TAG_SWEEP_ID
+from sweep.contract import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ROLE_PARENT, TAG_CONFIG_HASH, TAG_ERROR, TAG_HOST,
+                            TAG_PID, TAG_ROLE, TAG_SWEEP_ID)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,9 +99,13 @@ class Tracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            # MLflow 3's UI opens a model-training experiment on its runs table (not the GenAI overview)
+            return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:
             # Another process created it between our lookup and our create: use theirs.
             exp = self.client.get_experiment_by_name(name)
