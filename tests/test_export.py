@@ -94,3 +94,13 @@ def test_job_reports_onnx_runtime_latency_and_the_artifact(tmp_path, assets):
     assert not list(job.glob("*.pt"))  # the old pickle output is gone
     written = json.loads((job / "metrics.json").read_text())
     assert written[contract.ORT_LATENCY_B1] == m[contract.ORT_LATENCY_B1]
+
+
+def test_layer_profile_attributes_time_to_every_layer(v5n_fused, v5n_channel):
+    from sweep.export.profile import layer_profile
+
+    dense = layer_profile(v5n_fused, imgsz=IMGSZ, iters=1)
+    pruned = layer_profile(v5n_channel, imgsz=IMGSZ, iters=1)
+    assert list(dense["layer"]) == list(range(len(v5n_fused.model))) and (dense["cpu_ms"] > 0).all()
+    assert dense["share"].sum() == pytest.approx(1.0)
+    assert pruned.loc[0, "out_channels"] < dense.loc[0, "out_channels"]  # the pruned widths are listed

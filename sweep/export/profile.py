@@ -1,0 +1,72 @@
+"""Where the time goes: a per-layer time breakdown of one forward pass from torch.profiler.
+
+Each top-level layer of the YOLOv5 ``nn.Sequential`` (``model.0`` ... ``model.24``) is wrapped in a
+``torch.profiler.record_function`` range by forward hooks, so the profiler's own accounting (CPU
+time, and device time on CUDA) is attributed to layers without changing the model.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch import nn
+
+_PREFIX = "layer."
+
+
+def _label(i: int, module: nn.Module) -> str:
+    return f"{_PREFIX}{i:03d}.{type(module).__name__}"
+
+
+@torch.inference_mode()
+def layer_profile(model: nn.Module, *, imgsz: int, batch: int = 1, device: torch.device | str = "cpu",
+                  half: bool = False, iters: int = 3, warmup: int = 1) -> pd.DataFrame:
+    """Per-layer milliseconds per forward pass (mean of ``iters``) on a constant input.
+
+    Columns: ``layer`` (index in ``model.model``), ``type``, ``params``, ``out_channels`` (of its last
+    conv, the channel-pruned width), ``cpu_ms`` (CPU time spent inside the layer's range, kernels
+    launched included), ``device_ms`` (kernel time on CUDA; 0 on the CPU), ``share`` (of the summed
+    time: device on CUDA, else CPU). Sorted by layer.
+    """
+    device = torch.device(device)
+    layers = list(model.model)
+    x = torch.full((batch, 3, imgsz, imgsz), 0.5, device=device, dtype=torch.half if half else torch.float)
+    open_ranges: dict[int, torch.profiler.record_function] = {}
+    handles = []
+    for i, m in enumerate(layers):
+        def pre(mod, inp, i=i):
+            r = torch.profiler.record_function(_label(i, mod))
+            r.__enter__()
+            open_ranges[i] = r
+
+        def post(mod, inp, out, i=i):
+            open_ranges.pop(i).__exit__(None, None, None)
+
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        for _ in range(warmup):
+            model(x)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(iters):
+                model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    finally:
+        for h in handles:
+            h.remove()
+    times = {e.key: e for e in prof.key_averages() if e.key.startswith(_PREFIX)}
+    rows = []
+    for i, m in enumerate(layers):
+        e = times.get(_label(i, m))
+        convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+        dev_us = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0) if e else 0
+        rows.append({"layer": i, "type": type(m).__name__, "params": sum(p.numel() for p in m.parameters()),
+                     "out_channels": convs[-1].out_channels if convs else None,
+                     "cpu_ms": (e.cpu_time_total / 1e3 / iters) if e else 0.0, "device_ms": dev_us / 1e3 / iters})
+    df = pd.DataFrame(rows)
+    col = "device_ms" if device.type == "cuda" and df["device_ms"].sum() > 0 else "cpu_ms"
+    df["share"] = df[col] / max(df[col].sum(), 1e-12)
+    return df
