@@ -56,8 +56,8 @@ def gc_paused() -> Iterator[None]:
 
     For the inference loop + COCO evaluation of one point: they build tens of thousands of
     result dicts, and each full pass of the collector walks every object of the process
-    (torch, MLflow, SQLAlchemy, Hydra, ...): measured 0.25-0.3 s per point in the postprocess
-    and COCO stages. Neither makes reference cycles; drop the rows inside the block and the
+    (torch, MLflow, SQLAlchemy, Hydra, ...), a cost per point in the postprocess and COCO stages
+    (docs/benchmarks.md). Neither makes reference cycles; drop the rows inside the block and the
     collector never sees them.
     """
     was_enabled = gc.isenabled()

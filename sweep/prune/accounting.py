@@ -46,6 +46,7 @@ from typing import Any, Optional, Sequence, Union
 import pandas as pd
 import torch
 import torch.nn as nn
+import zstandard
 from torch.utils.flop_counter import FlopCounterMode
 
 MB = 1e6  # bytes per MB (decimal)
@@ -147,8 +148,6 @@ def state_dict_bytes(model: nn.Module) -> bytes:
 
 def sizes_mb(model: nn.Module, level: int = ZSTD_LEVEL) -> tuple[float, float]:
     """``(size_mb, size_mb_compressed)``: the saved state_dict, raw and zstd-compressed, in 1e6 B."""
-    import zstandard
-
     raw = state_dict_bytes(model)
     packed = zstandard.ZstdCompressor(level=level).compress(raw)
     return len(raw) / MB, len(packed) / MB

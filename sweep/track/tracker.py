@@ -17,8 +17,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+import requests
 import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
+from sweep.assets import file_lock
 from sweep.config.spec import TrackSpec
 from sweep.contract import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ROLE_PARENT, TAG_CONFIG_HASH, TAG_ERROR, TAG_HOST,
                             TAG_PID, TAG_ROLE, TAG_SWEEP_ID)
@@ -46,8 +51,6 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None,
                  retries: int = 3, backoff: float = 0.5) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.uri = tracking_uri
         self.retries = max(0, int(retries))
         self.backoff = backoff
@@ -66,8 +69,6 @@ class Tracker:
         """Fail fast, with the URI in the message, when an HTTP tracking server does not answer."""
         if not self.uri.startswith(("http://", "https://")):
             return
-        import requests
-
         url = self.uri.rstrip("/") + "/health"
         try:
             r = requests.get(url, timeout=timeout)
@@ -93,8 +94,6 @@ class Tracker:
         raise AssertionError("unreachable")
 
     def _get_or_create_experiment(self, name: str, artifact_location: str | None) -> str:
-        from mlflow.exceptions import MlflowException
-
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
@@ -138,8 +137,6 @@ class Tracker:
 
     def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
             tags: dict[str, Any] | None = None) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
         now = int(time.time() * 1000)
         p = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         m = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if _is_number(v)]
@@ -228,8 +225,6 @@ def _store_creation_lock(uri: str) -> Any:
     the schema on first use, and two processes doing that at once fail ("duplicate column name").
     A no-op for other stores."""
     from contextlib import nullcontext
-
-    from sweep.assets import file_lock
 
     if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
         return nullcontext()
