@@ -60,7 +60,10 @@ def test_a_zero_tolerance_also_fails_on_float_noise(tmp_path, v5n_fused):
 
 def test_channel_pruned_graph_is_smaller_and_matches(tmp_path, v5n_fused, v5n_channel):
     dense = onnx_runtime_latency(v5n_fused, tmp_path / "d.onnx", imgsz=IMGSZ, batch=2, iters=2)
-    pruned = onnx_runtime_latency(v5n_channel, tmp_path / "p.onnx", imgsz=IMGSZ, batch=2, iters=2)
+    pruned = onnx_runtime_latency(v5n_channel, tmp_path / "p.onnx", imgsz=IMGSZ, batch=2, iters=2,
+                                  reference=v5n_fused)
+    assert pruned.dense_b1_ms > 0 and pruned.speedup_b1 == pytest.approx(pruned.dense_b1_ms / pruned.b1_ms)
+    assert dense.speedup_b1 is None
     assert pruned.onnx_mb < 0.5 * dense.onnx_mb  # channel 0.5 keeps about a quarter of the weights
     assert pruned.provider == "CPUExecutionProvider" and pruned.b1_ms > 0 and pruned.batch_ms_per_image > 0
 
@@ -87,6 +90,7 @@ def test_job_reports_onnx_runtime_latency_and_the_artifact(tmp_path, assets):
     for name in (contract.LATENCY_B1, contract.latency_batch_metric(2), contract.ORT_LATENCY_B1,
                  contract.ort_latency_batch_metric(2), contract.ARTIFACT_MB, contract.ARTIFACT_MB_COMPRESSED):
         assert m[name] > 0, name
+    assert m[contract.ORT_SPEEDUP_B1] > 0 and m[contract.ORT_LATENCY_DENSE_B1] > 0
     assert m[contract.ORT_MAX_ABS_DIFF] < 0.05 and m[contract.ORT_PROVIDER] == "CPUExecutionProvider"
     assert m[contract.ARTIFACT_MB_COMPRESSED] < m[contract.ARTIFACT_MB]
     job = tmp_path / "job"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -82,13 +83,16 @@ def providers_for(device: torch.device | str) -> list[str]:
 
 def ort_session(path: str | os.PathLike, device: torch.device | str = "cpu", threads: int | None = None):
     """An inference session on ``path`` (all graph optimisations; intra-op threads = torch's by default,
-    so both runtimes get the same cores)."""
+    so both runtimes get the same cores; no spin-waiting)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = int(threads or torch.get_num_threads())
     opts.log_severity_level = 3
+    # idle intra-op threads sleep instead of spinning: two sessions timed alternately (and the other
+    # processes of a shared machine) would otherwise compete with spinning threads between runs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(device))
 
 
@@ -143,6 +147,22 @@ def measure_ort_latency(session, imgsz: int, batch: int, iters: int, warmup: int
     return float(statistics.median(times))
 
 
+def alternate_b1(session, reference, imgsz: int, iters: int, warmup: int = 2) -> tuple[float, float]:
+    """Median batch-1 milliseconds of ``session`` and ``reference`` timed alternately (one run each per
+    round), so a busy machine slows both alike and their ratio stays meaningful."""
+    x = np.full((1, 3, imgsz, imgsz), 0.5, dtype=np.float32)
+    for s in (session, reference):
+        for _ in range(warmup):
+            s.run([OUTPUT_NAME], {INPUT_NAME: x})
+    a, b = [], []
+    for _ in range(iters):
+        for s, out in ((session, a), (reference, b)):
+            t0 = time.perf_counter()
+            s.run([OUTPUT_NAME], {INPUT_NAME: x})
+            out.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(a)), float(statistics.median(b))
+
+
 @dataclass(frozen=True)
 class RuntimeLatency:
     provider: str
@@ -151,15 +171,27 @@ class RuntimeLatency:
     batch_ms_per_image: float
     max_abs_diff: float
     onnx_mb: float
+    dense_b1_ms: float | None = None   # the dense reference, timed alternately with the model
+    speedup_b1: float | None = None    # dense_b1_ms / b1_ms
 
 
 def onnx_runtime_latency(model: nn.Module, onnx_path: str | os.PathLike, *, imgsz: int, batch: int, iters: int,
-                         batch_iters: int | None = None, device: torch.device | str = "cpu") -> RuntimeLatency:
+                         batch_iters: int | None = None, device: torch.device | str = "cpu",
+                         reference: nn.Module | None = None) -> RuntimeLatency:
     """Export ``model`` to ``onnx_path``, check ONNX Runtime's outputs against PyTorch's (raises
-    :class:`OutputMismatchError`), then time batch 1 and batch ``batch`` (per image)."""
+    :class:`OutputMismatchError`), then time batch 1 and batch ``batch`` (per image). With ``reference``
+    (the dense model), batch 1 is timed alternately with the reference's export: ``speedup_b1``."""
     path = export_onnx(model, onnx_path, imgsz)
     session = ort_session(path, device)
     match = check_outputs(model, session, imgsz)
-    b1 = measure_ort_latency(session, imgsz, 1, iters)
+    dense_b1 = speedup = None
+    if reference is None:
+        b1 = measure_ort_latency(session, imgsz, 1, iters)
+    else:
+        with tempfile.TemporaryDirectory(prefix="sweep-dense-onnx-") as tmp:
+            ref = ort_session(export_onnx(reference, Path(tmp) / "dense.onnx", imgsz), device)
+            b1, dense_b1 = alternate_b1(session, ref, imgsz, iters)
+        speedup = dense_b1 / b1
     bn = measure_ort_latency(session, imgsz, batch, batch_iters or max(1, iters // 4)) / batch
-    return RuntimeLatency(session.get_providers()[0], b1, batch, bn, match.max_abs_diff, path.stat().st_size / 1e6)
+    return RuntimeLatency(session.get_providers()[0], b1, batch, bn, match.max_abs_diff, path.stat().st_size / 1e6,
+                          dense_b1, speedup)
