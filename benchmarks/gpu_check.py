@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BUNDLE = HERE / ".gpu_check"
 # beyond torch, torchvision, numpy, opencv, pandas, matplotlib (pillow): what sweep's evaluation imports
-PURE = ["hydra-core==1.3.2", "omegaconf==2.3.0", "antlr4-python3-runtime==4.9.3", "tqdm"]
-BINARY = ["pyyaml", "faster-coco-eval"]
+PURE = ["hydra-core==1.3.2", "omegaconf==2.3.0", "antlr4-python3-runtime==4.9.3", "tqdm", "torch-pruning"]
+BINARY = ["pyyaml", "faster-coco-eval", "zstandard", "safetensors"]
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 MODELS = ("yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x")
 
@@ -85,7 +85,10 @@ def ensure_imports(bundle: Path = BUNDLE) -> None:
     try:
         import faster_coco_eval  # noqa: F401
         import hydra  # noqa: F401
+        import safetensors  # noqa: F401
+        import torch_pruning  # noqa: F401
         import yaml  # noqa: F401
+        import zstandard  # noqa: F401
         return
     except ImportError:
         pass

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -73,8 +74,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, imgsz: int, opset: in
 
 def providers_for(device: torch.device | str) -> list[str]:
     """ONNX Runtime execution providers: CUDA first when the job runs on CUDA and onnxruntime has it."""
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -84,8 +83,6 @@ def providers_for(device: torch.device | str) -> list[str]:
 def ort_session(path: str | os.PathLike, device: torch.device | str = "cpu", threads: int | None = None):
     """An inference session on ``path`` (all graph optimisations; intra-op threads = torch's by default,
     so both runtimes get the same cores; no spin-waiting)."""
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = int(threads or torch.get_num_threads())

@@ -26,11 +26,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import zstandard
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from sweep.model.checkpoint import (_SPEC_TYPES, CheckpointError, LoadedCheckpoint, _apply_layer_specs, _build_meta,
                                     _check_plain, _check_stride, _checked_names, _fp32, _layer_spec,
                                     _plain_state_dict, _realize)
 from sweep.model.yolo import DetectionModel
+
+ZSTD_LEVEL = 3  # sweep.prune.accounting's level (size_mb_compressed), so both compressed sizes compare
 
 ARTIFACT_FORMAT = "yolov5-sparsity-artifact"
 ARTIFACT_VERSION = 1
@@ -81,8 +86,6 @@ def save_artifact(model: DetectionModel, folder: str | os.PathLike, stem: str = 
     """Write ``model`` (dense, pruned, channel-pruned or fused) as ``<folder>/<stem>.safetensors`` +
     ``<folder>/<stem>.json`` (each written atomically; the weights first, so a description always
     names complete weights). Returns the two paths."""
-    from safetensors.torch import save_file
-
     meta = dict(meta or {})
     _check_plain(meta, "meta")
     _check_plain(model.yaml, "yaml")
@@ -158,9 +161,6 @@ def _read_description(path: Path) -> dict[str, Any]:
 
 
 def _read_weights(desc: Mapping[str, Any], folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     weights = folder / desc["weights"]["file"]
     if not weights.is_file():
         raise CheckpointError(f"cannot load {weights}: the weights file its description names is missing")
@@ -205,10 +205,6 @@ def load_artifact(path: str | os.PathLike) -> LoadedCheckpoint:
 def artifact_sizes(files: ArtifactFiles, level: int | None = None) -> tuple[float, float]:
     """``(stored MB, zstd-compressed MB)`` of the artifact's two files (1e6 bytes), the compression the
     same as ``size_mb_compressed``'s (so unstructured zeros show up in the second number)."""
-    import zstandard
-
-    from sweep.prune.accounting import ZSTD_LEVEL
-
     raw = b"".join(p.read_bytes() for p in files.paths)
     packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL if level is None else level).compress(raw)
     return len(raw) / 1e6, len(packed) / 1e6
