@@ -37,6 +37,45 @@ def latency_batch_of(metric: str) -> int | None:
     return int(m.group("batch")) if m else None
 
 
+# ONNX Runtime latency (eval.runtimes contains onnxruntime): same inputs and units as the PyTorch ones
+ORT_LATENCY_B1 = "ort_latency_b1_ms"
+_ORT_LATENCY_BATCH = re.compile(r"^ort_latency_b(?P<batch>\d+)_ms_per_image$")
+ORT_LATENCY_DENSE_B1 = "ort_latency_dense_b1_ms"  # the dense model, timed alternately with the pruned one
+ORT_SPEEDUP_B1 = "ort_speedup_b1"                # ORT_LATENCY_DENSE_B1 / ORT_LATENCY_B1
+ORT_MAX_ABS_DIFF = "ort_max_abs_diff"      # output-match check: max |ONNX Runtime - PyTorch| on its input
+ORT_PROVIDER = "ort_provider"              # the execution provider timed (a string in metrics.json)
+ONNX_MB = "onnx_mb"                        # the exported .onnx file, 1e6 B
+# the prune.save artifact (safetensors + JSON description): stored and zstd-compressed, 1e6 B
+ARTIFACT_MB = "artifact_mb"
+ARTIFACT_MB_COMPRESSED = "artifact_mb_compressed"
+RUNTIMES = ("torch", "onnxruntime")        # allowed values of eval.runtimes
+
+
+def ort_latency_batch_metric(batch: int) -> str:
+    """ONNX Runtime's per-image latency at ``eval.batch``, e.g. ``ort_latency_b32_ms_per_image``."""
+    return f"ort_latency_b{int(batch)}_ms_per_image"
+
+
+def ort_latency_batch_of(metric: str) -> int | None:
+    """The batch size of an :func:`ort_latency_batch_metric` name, else None."""
+    m = _ORT_LATENCY_BATCH.match(metric)
+    return int(m.group("batch")) if m else None
+
+
+def latency_quartiles(metric: str) -> tuple[str, str]:
+    """The first and third quartile metrics of a latency metric: ``latency_b1_ms_q1``, ``latency_b1_ms_q3``."""
+    return f"{metric}_q1", f"{metric}_q3"
+
+
+# The dense model's batch-1 latency, timed alternately with the job's model in the same process, and the
+# speed-up that gives (dense median / the model's median: 2.0 = twice as fast, 1.0 = no faster).
+LATENCY_DENSE_B1 = "latency_dense_b1_ms"
+LATENCY_SPEEDUP_B1 = "latency_speedup_b1"
+# Interquartile range / median of the batch-1 latency: above LATENCY_BUSY_SPREAD the machine was busy.
+LATENCY_SPREAD_B1 = "latency_b1_spread"
+LATENCY_BUSY_SPREAD = 0.10
+
+
 def metric_order(names: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
     """Report column order: COCO, speed, counts, cost, latency (batch 1, then every batch size present)."""
     batches = sorted({b for n in names if (b := latency_batch_of(n)) is not None})

@@ -36,6 +36,7 @@ from sweep.config.spec import EvalSpec, JobSpec, PruneSpec, RecoverSpec
 from sweep.contract import Outcome
 from sweep.data import DataError
 from sweep.evaluate import CocoEvaluator, CocoResult, LoopResult, gc_paused, measure_latency, run_inference
+from sweep.evaluate.latency import measure_latency_pair
 from sweep.evaluate.timing import Stopwatch
 from sweep.memo import EvalData, ProcessMemo
 from sweep.export import onnx_runtime_latency
@@ -112,16 +113,42 @@ def evaluate(model: nn.Module, data: EvalData, batches: Any, ev: EvalSpec, devic
             bar.close()
 
 
-def latency(model: nn.Module, ev: EvalSpec, device: torch.device) -> dict[str, float]:
-    """Median forward milliseconds on a synthetic input: batch 1, and per image at ``eval.batch``."""
+def latency(model: nn.Module, ev: EvalSpec, device: torch.device, dense: nn.Module | None = None) -> dict[str, float]:
+    """Forward milliseconds on a synthetic input, median and quartiles: batch 1, and per image at ``eval.batch``.
+
+    With ``dense`` (the job's dense model, fused and cast alike) batch 1 is timed alternately with it in this
+    process, giving the speed-up over dense under the same load; without it (a dense job) the speed-up is 1.
+    Warns when the batch-1 spread says the machine was busy (its medians are then not to be trusted).
+    """
     b = ev.batch
-    per_batch_iters = max(1, ev.latency_iters // 4) if device.type == "cpu" else ev.latency_iters
-    return {
-        contract.LATENCY_B1: measure_latency(model, device=device, half=ev.half, imgsz=ev.imgsz, batch=1,
-                                             iters=ev.latency_iters),
-        contract.latency_batch_metric(b): measure_latency(model, device=device, half=ev.half, imgsz=ev.imgsz,
-                                                          batch=b, iters=per_batch_iters) / b,
-    }
+    per_batch_iters = max(3, ev.latency_iters // 10) if device.type == "cpu" else ev.latency_iters
+    kw = dict(device=device, half=ev.half, imgsz=ev.imgsz)
+    if dense is not None:
+        b1, d1 = measure_latency_pair(model, dense, batch=1, iters=ev.latency_iters, **kw)
+    else:
+        b1 = d1 = measure_latency(model, batch=1, iters=ev.latency_iters, **kw)
+    bb = measure_latency(model, batch=b, iters=per_batch_iters, **kw).per_image(b)
+    out: dict[str, float] = {}
+    for name, st in ((contract.LATENCY_B1, b1), (contract.latency_batch_metric(b), bb),
+                     (contract.LATENCY_DENSE_B1, d1)):
+        q1, q3 = contract.latency_quartiles(name)
+        out |= {name: st.median_ms, q1: st.q1_ms, q3: st.q3_ms}
+    out[contract.LATENCY_SPEEDUP_B1] = d1.median_ms / b1.median_ms if b1.median_ms > 0 else float("nan")
+    out[contract.LATENCY_SPREAD_B1] = max(b1.spread, d1.spread)
+    if out[contract.LATENCY_SPREAD_B1] > contract.LATENCY_BUSY_SPREAD:
+        log.warning("latency: the machine was busy (batch-1 interquartile range %.0f%% of the median over %d "
+                    "runs, quiet is < %.0f%%): the ms figures are not reliable, the speed-up over dense (%.2fx, "
+                    "timed alternately) less affected", 100 * out[contract.LATENCY_SPREAD_B1], b1.iters,
+                    100 * contract.LATENCY_BUSY_SPREAD, out[contract.LATENCY_SPEEDUP_B1])
+    return out
+
+
+def dense_twin(ckpt: LoadedCheckpoint, spec: JobSpec, device: torch.device) -> nn.Module | None:
+    """The job's dense model, fused and cast like the evaluated one, for the latency ratio (None for a dense job)."""
+    if spec.sparsity == 0:
+        return None
+    dense = fuse(load_model(ckpt)).to(device).eval()
+    return dense.half() if spec.eval.half else dense
 
 
 def save_model(model: nn.Module, folder: Path, stem: str = "pruned") -> tuple[ArtifactFiles, dict[str, float]]:
@@ -132,15 +159,41 @@ def save_model(model: nn.Module, folder: Path, stem: str = "pruned") -> tuple[Ar
     return files, {contract.ARTIFACT_MB: stored, contract.ARTIFACT_MB_COMPRESSED: compressed}
 
 
-def runtime_latency(artifact: ArtifactFiles, ev: EvalSpec, device: torch.device, onnx_path: Path) -> dict[str, Any]:
+def runtime_latency(artifact: ArtifactFiles, ev: EvalSpec, device: torch.device, onnx_path: Path,
+                    dense: nn.Module | None = None) -> dict[str, Any]:
     """ONNX Runtime latency of the model rebuilt from its artifact (exported to ``onnx_path``; its outputs
     checked against PyTorch's first, ``sweep.export.OutputMismatchError`` otherwise): batch 1, and per
-    image at ``eval.batch``."""
+    image at ``eval.batch``; with ``dense`` (FP32), batch 1 timed alternately with it and the speed-up."""
     model = load_artifact(artifact.description).model
     r = onnx_runtime_latency(model, onnx_path, imgsz=ev.imgsz, batch=ev.batch, iters=ev.latency_iters,
-                             device=device)
-    return {contract.ORT_LATENCY_B1: r.b1_ms, contract.ort_latency_batch_metric(r.batch): r.batch_ms_per_image,
-            contract.ORT_MAX_ABS_DIFF: r.max_abs_diff, contract.ONNX_MB: r.onnx_mb, contract.ORT_PROVIDER: r.provider}
+                             device=device, reference=dense)
+    out = {contract.ORT_LATENCY_B1: r.b1_ms, contract.ort_latency_batch_metric(r.batch): r.batch_ms_per_image,
+           contract.ORT_MAX_ABS_DIFF: r.max_abs_diff, contract.ONNX_MB: r.onnx_mb, contract.ORT_PROVIDER: r.provider}
+    if r.speedup_b1 is not None:
+        out |= {contract.ORT_LATENCY_DENSE_B1: r.dense_b1_ms, contract.ORT_SPEEDUP_B1: r.speedup_b1}
+    return out
+
+
+def save_and_deploy(model: nn.Module, ckpt: LoadedCheckpoint, spec: JobSpec, device: torch.device, out: Path,
+                    sw: Stopwatch) -> tuple[dict[str, Any], list[Path]]:
+    """``prune.save``: the pickle-free artifact in the job's folder; ``eval.runtimes`` with onnxruntime: the ONNX
+    export of that artifact timed in ONNX Runtime (from a temporary artifact when the job does not save one)."""
+    metrics: dict[str, Any] = {}
+    files: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="sweep-export-") as tmp:
+        where = out if spec.prune.save else Path(tmp)
+        with sw.stage("save"):
+            artifact, sizes = save_model(model, where)
+        if spec.prune.save:
+            metrics |= sizes
+            files += artifact.paths
+        if "onnxruntime" in spec.eval.runtimes:
+            with sw.stage("onnxruntime"):
+                metrics |= runtime_latency(artifact, spec.eval, device, where / "pruned.onnx",
+                                           None if spec.sparsity == 0 else fuse(load_model(ckpt)))
+            if spec.prune.save:
+                files.append(where / "pruned.onnx")
+    return metrics, files
 
 
 def write_artifacts(out: Path, spec: JobSpec, metrics: dict[str, Any], per_layer: pd.DataFrame,
@@ -172,7 +225,7 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
         model = load_model(ckpt)
     with sw.stage("data"):
         data = memo.eval_data(spec.data, ev, int(ckpt.stride.max()), ckpt.names, spec.model.weights)
-        calibration = memo.calibration(spec.recover, ev, data.files, device)
+        calibration = memo.calibration(spec.recover, ev, data.files, device, ckpt.names)
     model, recover_metrics = prune_and_recover(model, spec.sparsity, spec.prune, spec.recover, calibration, sw)
     with sw.stage("accounting"):
         acc, per_layer = account(model, spec, memo.dense_accounting(spec.model.sha256, ckpt.model, ev.imgsz))
@@ -199,20 +252,11 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
         lat: dict[str, float] = {}
         if ev.latency and "torch" in ev.runtimes:
             with sw.stage("latency"):
-                lat = latency(model, ev, device)
+                lat = latency(model, ev, device, dense_twin(ckpt, spec, device))
     if spec.prune.save or "onnxruntime" in ev.runtimes:
-        with tempfile.TemporaryDirectory(prefix="sweep-export-") as tmp:  # artifact + ONNX of a job without prune.save
-            where = out if spec.prune.save else Path(tmp)
-            with sw.stage("save"):
-                artifact, sizes = save_model(model, where)
-            if spec.prune.save:
-                lat |= sizes
-                files += artifact.paths
-            if "onnxruntime" in ev.runtimes:
-                with sw.stage("onnxruntime"):
-                    lat |= runtime_latency(artifact, ev, device, where / "pruned.onnx")
-                if spec.prune.save:
-                    files.append(where / "pruned.onnx")
+        deployed, deployed_files = save_and_deploy(model, ckpt, spec, device, out, sw)
+        lat |= deployed
+        files += deployed_files
 
     for stage, seconds in loop.seconds.items():
         sw.add("forward" if stage == "inference" else stage, seconds)

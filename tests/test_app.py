@@ -176,11 +176,11 @@ def test_an_error_during_the_job_ends_its_run_failed(tmp_path, assets):
     cfg = make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "data.limit=4", "eval.imgsz=320",
                    "sparsity=0.3", "prune.save=true")
     (tmp_path / "job").mkdir()
-    (tmp_path / "job" / "pruned.pt").mkdir()  # the checkpoint cannot be written over a folder
+    (tmp_path / "job" / "pruned.safetensors").mkdir()  # the weights cannot be written over a folder
     with pytest.raises(Exception):
         run_job(cfg, JobContext(tmp_path / "job"))
     [run] = runs(tmp_path)
-    assert run.info.status == "FAILED" and "pruned.pt" in run.data.tags["error"]
+    assert run.info.status == "FAILED" and "pruned.safetensors" in run.data.tags["error"]
     assert (tmp_path / "job" / "traceback.txt").is_file()
 
 

@@ -10,6 +10,7 @@ leave a FAILED run behind.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -90,6 +91,13 @@ def _check_values(c: Mapping[str, Any]) -> None:
     _check(e["max_det"] >= 1, "eval.max_det", e["max_det"], "an integer >= 1")
     _check(e["workers"] >= 0, "eval.workers", e["workers"], "an integer >= 0")
     _check(e["latency_iters"] >= 1, "eval.latency_iters", e["latency_iters"], "an integer >= 1")
+    runtimes = list(e["runtimes"] or [])
+    _check(bool(runtimes) and len(set(runtimes)) == len(runtimes) and all(r in contract.RUNTIMES for r in runtimes),
+           "eval.runtimes", runtimes, f"a non-empty list without repeats of {', '.join(contract.RUNTIMES)}, "
+           "e.g. [torch,onnxruntime]")
+    if "onnxruntime" in runtimes and importlib.util.find_spec("onnxruntime") is None:
+        raise ConfigError(f"eval.runtimes={runtimes} includes onnxruntime, but the onnxruntime package is not "
+                          "installed: install it (pip install onnxruntime onnx) or allowed is eval.runtimes=[torch]")
     dev = str(e["device"])
     _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
            "eval.device", dev, "auto, cpu, cuda or cuda:N")
@@ -287,7 +295,10 @@ def semantic_config(c: Mapping[str, Any], weights_sha256: str, device: torch.dev
         "prune": None if dense else prune,
         "recover": recover,
         "sparsity": sparsity,
-        "eval": {k: e[k] for k in ("imgsz", "batch", "conf", "iou", "max_det")} | {"device": device.type, "half": half},
+        "eval": {k: e[k] for k in ("imgsz", "batch", "conf", "iou", "max_det")} | {"device": device.type, "half": half}
+        # the runtimes decide which figures a run has: asking for ONNX Runtime re-runs a point evaluated without
+        # it (left out at the default, so the hashes of earlier runs stay the same)
+        | ({"runtimes": list(e["runtimes"])} if list(e["runtimes"]) != ["torch"] else {}),
     }
 
 
@@ -356,9 +367,9 @@ def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
     evaluation = EvalSpec(int(imgsz), int(e["batch"]), float(e["conf"]), float(e["iou"]), int(e["max_det"]),
                           str(device), half, str(e["backend"]), int(e["workers"]), bool(e["save_json"]),
                           bool(e["latency"]), int(e["latency_iters"]), bool(e["progress"]),
-                          preprocessed_dir(c["paths"]["preprocessed"]))
+                          preprocessed_dir(c["paths"]["preprocessed"]), tuple(e["runtimes"]))
     eval_data = memo.eval_data(data, evaluation, stride, ckpt.names, model.weights)  # scans every label now
-    memo.calibration(recover, evaluation, eval_data.files, device)  # refuses evaluation images now
+    memo.calibration(recover, evaluation, eval_data.files, device, ckpt.names)  # refuses evaluation images now
 
     c["sparsity"] = sparsity
     c["eval"] |= {"imgsz": evaluation.imgsz, "device": str(device), "half": half}

@@ -117,7 +117,10 @@ class EvalConfig:
     workers: int = 2
     save_json: bool = False
     latency: bool = True          # latency on a synthetic input at batch 1 and batch `eval.batch`
-    latency_iters: int = 10
+    latency_iters: int = 30       # timed repetitions (batch 1; CPU batches: a tenth, at least 3) for median + quartiles
+    # runtimes timed: torch (the latency above), onnxruntime (ONNX export of the evaluated model,
+    # checked against PyTorch's outputs, timed at batch 1 and `eval.batch`; docs/deploy.md)
+    runtimes: list[str] = field(default_factory=lambda: ["torch"])
     progress: bool = True
     # keep freed host memory for reuse (glibc mallopt): CPU forward passes stop page-faulting their
     # activations; the process keeps its peak memory (docs/benchmarks.md). Applied once per process.

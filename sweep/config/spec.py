@@ -85,9 +85,10 @@ class EvalSpec:
     workers: int = 2
     save_json: bool = False
     latency: bool = True
-    latency_iters: int = 10
+    latency_iters: int = 30
     progress: bool = True
     preprocessed: Path | None = None  # on-disk decoded-batch cache folder, None: decode every time
+    runtimes: tuple[str, ...] = ("torch",)  # latency measured in: torch, onnxruntime
 
 
 @dataclass(frozen=True)
