@@ -13,6 +13,8 @@ from pathlib import Path
 from types import FrameType
 
 import hydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from sweep.config import register_configs
@@ -21,6 +23,7 @@ from sweep.memo import ProcessMemo
 from sweep.process import setup_process
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -29,7 +32,34 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+# Hydra's own flags that take a value (the value is no override).
+_VALUE_FLAGS = {"--cfg", "-c", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--info", "-i",
+                "--package", "-p", "--experimental-rerun"}
+
+
+def check_override_syntax(args: list[str]) -> str | None:
+    """One message naming the first command-line override Hydra's grammar rejects (Hydra's own error does
+    not say which), else None."""
+    parser = OverridesParser.create()
+    skip = False
+    for arg in args:
+        if skip or arg.startswith("-"):
+            skip = arg in _VALUE_FLAGS
+            continue
+        try:
+            parser.parse_override(arg)
+        except HydraException as exc:  # the grammar reports as HydraException, OverrideParseException
+            detail = " ".join(str(exc).split())
+            return (f"cannot parse the override {arg!r} ({detail}); allowed is key=value, with comma-separated "
+                    "values for a multirun sweep, e.g. sparsity=0,0.3,0.5")
+    return None
+
+
 def main() -> None:
+    problem = check_override_syntax(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_INPUT)
     register_configs()
     memo = ProcessMemo()  # lives for this process: checkpoints and decoded data reused across jobs
     for sig in (signal.SIGTERM, signal.SIGHUP):

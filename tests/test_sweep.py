@@ -139,3 +139,11 @@ def test_two_sweeps_launched_in_the_same_second_never_share_a_sweep(tmp_path, as
         kids = [r for r in _children(out) if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
         assert len(kids) == 2 and parent.data.tags["jobs_done"] == "2"
         assert {r.data.tags["sweep_id"] for r in kids} == {parent.data.tags["sweep_id"]}
+
+
+def test_an_override_hydra_cannot_parse_is_named(tmp_path):
+    """Hydra's grammar error does not say which override is wrong; ours does, as an input error (exit 2)."""
+    p = run_cli(tmp_path / "outputs", "-m", "model=yolov5n", "sparsity=0.3,0.5,")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("error: cannot parse the override 'sparsity=0.3,0.5,'")
+    assert runs(tmp_path / "outputs") == []
