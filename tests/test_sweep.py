@@ -147,3 +147,19 @@ def test_an_override_hydra_cannot_parse_is_named(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.startswith("error: cannot parse the override 'sparsity=0.3,0.5,'")
     assert runs(tmp_path / "outputs") == []
+
+
+def test_a_config_error_in_any_job_stops_the_sweep_before_its_parent_run(tmp_path):
+    """Every job's config is checked at sweep start: one message per distinct error (naming the jobs it
+    hits), exit 2, no parent run, no store, no job folder."""
+    out = tmp_path / "outputs"
+    p = run_cli(out, "-m", "model=yolov5n", "data=coco-val128", "prune.method=magic", "sparsity=0.3,0.5",
+                sweep_dir=tmp_path / "s")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: prune.method='magic' is unknown: allowed are channel, global_l1, l1_unstructured, "
+                      "ln_structured, random (jobs 0, 1)"]
+    assert not (out / "mlflow.db").exists() and not (tmp_path / "s").exists()
+    p2 = run_cli(out, "-m", "model=yolov5n", "data=coco-val128", "sparsity=0,0.5,1.0", sweep_dir=tmp_path / "s")
+    assert p2.returncode == 2 and p2.stderr.count("error: sparsity=1.0 is out of range") == 1
+    assert not (out / "mlflow.db").exists()

@@ -334,6 +334,16 @@ def _inputs(c: Mapping[str, Any], cache: Path, memo: Any) -> tuple[ModelSpec, Da
     return found[0], found[1]
 
 
+def check_values(cfg: DictConfig) -> None:
+    """The checks that need no file: every value and combination (what the sweep callback runs on every job's
+    config before the sweep's parent run exists)."""
+    c = _container(cfg)
+    _check_values(c)
+    normalize_sparsity(c["sparsity"])
+    _outputs(c)
+    resolve_tracking(c)
+
+
 def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
     """The whole pre-flight of one job. ``memo`` (:class:`sweep.memo.ProcessMemo`) keeps what it opens
     (checkpoint, dataset scan, calibration images) for the job and for later jobs of the process."""

@@ -23,11 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sweep import contract
-from sweep.config.resolve import resolve_tracking
+from sweep.config.resolve import check_values, resolve_tracking
 from sweep.config.schema import ConfigError
 from sweep.contract import Outcome
 from sweep.track.tracker import Tracker, TrackingError, environment_tags
@@ -96,12 +99,39 @@ def _summarize(sweep_dir: Path) -> list[Outcome]:
     return outcomes
 
 
+def sweep_overrides(config: DictConfig) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper expands them (``hydra.sweeper.params``, then the command
+    line; comma lists and ranges become the grid), in job order."""
+    parser = OverridesParser.create()
+    params = config.hydra.sweeper.get("params") or {}
+    parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check_sweep(config: DictConfig) -> dict[str, list[int]]:
+    """The value errors of every job of the sweep (no files opened), as {message: [job numbers]}."""
+    loader = GlobalHydra.instance().config_loader()
+    problems: dict[str, list[int]] = {}
+    for num, overrides in enumerate(sweep_overrides(config)):
+        try:
+            check_values(loader.load_sweep_config(config, overrides))
+        except ConfigError as exc:
+            problems.setdefault(str(exc), []).append(num)
+    return problems
+
+
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
         self._open: DictConfig | None = None  # the sweep's config until on_multirun_end ran
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problems = check_sweep(config)
+        if problems:  # before the parent run exists: nothing to clean up, one message per distinct error
+            for message, jobs in problems.items():
+                print(f"error: {message}" + (f" (jobs {', '.join(map(str, jobs))})" if len(jobs) > 1 else ""),
+                      file=sys.stderr)
+            sys.exit(2)
         self._start(config)
         self._open = config
         atexit.register(self._abandoned)
