@@ -85,3 +85,49 @@ def test_read_only_folder_is_never_written(tmp_path):
         assert writable(tmp_path / "new" / "preprocessed")
     finally:
         os.chmod(ro, stat.S_IRWXU)
+
+
+def test_flipped_pixels_in_a_cached_batch_are_decoded_again_not_trusted(tmp_path, val128_dir, caplog):
+    """Regression: bytes flipped inside a .npy of the same size gave a wrong mAP recorded as FINISHED."""
+    import numpy as np
+
+    ds = _dataset(val128_dir)
+    decoded = list(ds.iter_batches())
+    cache = PreprocessedCache(tmp_path)
+    list(cache.batches(ds))
+    victim = cache.entry(ds) / "batch_00001.npy"
+    arr = np.load(victim)
+    arr.flat[1000:1100] ^= 0xFF  # same file size, other pixels
+    np.save(victim, arr)
+    with caplog.at_level("WARNING"):
+        _same(decoded, list(cache.batches(ds)))  # the damaged batch came from the images
+    assert "batch 1 is damaged" in caplog.text
+    assert cache.load(ds) is None  # and the entry is rebuilt on the next pass
+    _same(decoded, list(cache.batches(ds)))
+    assert cache.load(ds) is not None
+
+
+def test_an_edited_meta_json_is_refused(tmp_path, val128_dir):
+    """Regression: swapping two image ids or changing a pad in meta.json changed the mAP silently."""
+    import json
+
+    ds = _dataset(val128_dir)
+    cache = PreprocessedCache(tmp_path)
+    list(cache.batches(ds))
+    meta_file = cache.entry(ds) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    ids = meta["batches"][0]["image_ids"]
+    ids[0], ids[1] = ids[1], ids[0]
+    meta["batches"][0]["ratio_pad"][0][1][0] += 1.0
+    meta_file.write_text(json.dumps(meta))
+    assert cache.load(ds) is None and not cache.entry(ds).exists()
+
+
+def test_the_key_does_not_depend_on_how_the_folder_is_spelled(tmp_path, val128_dir, monkeypatch):
+    """Regression: ../shared/assets and its absolute path each got a copy of the cache."""
+    absolute = _dataset(val128_dir.resolve())
+    monkeypatch.chdir(val128_dir.parent)
+    relative = _dataset(val128_dir.relative_to(val128_dir.parent) if val128_dir.is_absolute() else val128_dir)
+    (tmp_path / "link").symlink_to(val128_dir.resolve())
+    linked = _dataset(tmp_path / "link")
+    assert absolute.cache_key() == relative.cache_key() == linked.cache_key()

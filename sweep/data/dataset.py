@@ -527,14 +527,15 @@ class Dataset:
         """Hex digest identifying exactly what :meth:`iter_batches` yields (for an on-disk cache).
 
         Covers the preprocessing version, OpenCV's version (decode/resize results depend on it),
-        imgsz/stride/pad/batch/rect, the iteration order and every file's path, size and mtime.
+        imgsz/stride/pad/batch/rect, the iteration order and every file's real path (however the
+        dataset folder was spelled: relative, absolute, through a link), size and mtime.
         """
         h = hashlib.sha256()
         h.update(json.dumps([PREPROCESS_VERSION, cv2.__version__, self.imgsz, self.stride,
                              self.pad, self.batch_size, self.rect, self.order.tolist()]).encode())
         for f in self.files:
             st = os.stat(f)
-            h.update(f"\0{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            h.update(f"\0{os.path.realpath(f)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
         return h.hexdigest()
 
     @property

@@ -7,13 +7,17 @@ covers the file list with sizes and mtimes, imgsz, stride, pad, batch size and t
 preprocessing/OpenCV versions, so a stale entry is never found.
 
 Writes are atomic: a private temp folder is filled, then renamed onto the key; a process that
-loses the race discards its copy. Reads are validated (every file present with the recorded
-shape); a corrupt entry is deleted and rebuilt, never trusted.
+loses the race discards its copy. Reads are verified, never trusted: ``meta.json`` against its
+checksum (``meta.sha256``) and its image ids against the dataset's, every file present with the
+recorded shape, and each batch's pixels against their sha256 as the batch is read (its cost:
+docs/benchmarks.md). A damaged batch is decoded again from
+the images, with a log line, and the entry is rebuilt on the next pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +34,7 @@ from sweep.data.dataset import Batch
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: per-batch pixel checksums and a checksum of meta.json
 
 
 def writable(folder: Path) -> bool:
@@ -45,6 +49,10 @@ def writable(folder: Path) -> bool:
         p = p.parent
     mode = p.stat().st_mode
     return bool(mode & stat.S_IWUSR) and os.access(p, os.W_OK)
+
+
+def _digest(pixels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels).data).hexdigest()
 
 
 def _meta(batch: Batch) -> dict[str, Any]:
@@ -63,35 +71,52 @@ class PreprocessedCache:
         return self.root / dataset.cache_key()
 
     def load(self, dataset: Any) -> list[tuple[Path, dict[str, Any]]] | None:
-        """The validated entry as (batch file, batch meta) pairs, or None when absent/invalid.
+        """The verified entry as (batch file, batch meta) pairs, or None when absent/invalid.
 
-        Validation reads only the .npy headers (memory-mapped); pixels are read by ``batches``.
+        Verifies ``meta.json`` (checksum, format, batch count, image ids), and every .npy header
+        (memory-mapped); pixels are read, and checked against their checksum, by ``batches``.
         """
         entry = self.entry(dataset)
         meta_file = entry / "meta.json"
         if not meta_file.is_file():
             return None
         try:
-            meta = json.loads(meta_file.read_text())
+            raw = meta_file.read_bytes()
+            if (entry / "meta.sha256").read_text().strip() != hashlib.sha256(raw).hexdigest():
+                raise ValueError("meta.json does not match its checksum")
+            meta = json.loads(raw)
             if meta.get("format") != FORMAT or len(meta["batches"]) != dataset.num_batches:
                 raise ValueError("format or batch count differs")
             files = []
             for k, m in enumerate(meta["batches"]):
+                if list(m["image_ids"]) != [dataset.image_ids[i] for i in dataset.batch_indices(k)]:
+                    raise ValueError(f"batch {k} lists other images than the dataset's")
                 f = entry / f"batch_{k:05d}.npy"
                 arr = np.load(f, mmap_mode="r")
                 if list(arr.shape) != m["shape"] or arr.dtype != np.uint8:
                     raise ValueError(f"batch {k} has shape {arr.shape}, expected {m['shape']}")
                 files.append((f, m))
             return files
-        except (OSError, ValueError, KeyError, EOFError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, TypeError) as exc:
             log.warning("preprocessed cache %s is invalid (%s): rebuilding it", entry, exc)
             shutil.rmtree(entry, ignore_errors=True)
             return None
 
-    @staticmethod
-    def _read(k: int, f: Path, m: dict[str, Any]) -> Batch:
-        return Batch(torch.from_numpy(np.load(f)), m["image_ids"], m["paths"], [tuple(s) for s in m["shapes0"]],
-                     [(tuple(r), tuple(p)) for r, p in m["ratio_pad"]], k)
+    def _read(self, dataset: Any, k: int, f: Path, m: dict[str, Any]) -> Batch:
+        """Batch ``k`` from the entry; decoded again from the images when its pixels fail their checksum."""
+        try:
+            images = np.load(f)
+            intact = _digest(images) == m["sha256"]
+        except (OSError, ValueError, EOFError):
+            intact = False
+        if not intact:
+            log.warning("preprocessed cache %s: batch %d is damaged (checksum): decoding it from the images; "
+                        "the entry is rebuilt on the next pass", f.parent, k)
+            (f.parent / "meta.sha256").unlink(missing_ok=True)  # the next load() finds it invalid
+            return dataset.load_batch(k)
+        idx = dataset.batch_indices(k)
+        return Batch(torch.from_numpy(images), [dataset.image_ids[i] for i in idx], [dataset.files[i] for i in idx],
+                     [tuple(s) for s in m["shapes0"]], [(tuple(r), tuple(p)) for r, p in m["ratio_pad"]], k)
 
     def build(self, dataset: Any) -> Iterator[Batch]:
         """Decode every batch (yielding it as it comes) and store the entry atomically at the end."""
@@ -101,10 +126,13 @@ class PreprocessedCache:
         metas = []
         try:
             for k, batch in enumerate(dataset.iter_batches()):
-                np.save(tmp / f"batch_{k:05d}.npy", batch.images.numpy(), allow_pickle=False)
-                metas.append(_meta(batch))
+                pixels = batch.images.numpy()
+                np.save(tmp / f"batch_{k:05d}.npy", pixels, allow_pickle=False)
+                metas.append(_meta(batch) | {"sha256": _digest(pixels)})
                 yield batch
-            (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "batches": metas}))
+            raw = json.dumps({"format": FORMAT, "batches": metas}).encode()
+            (tmp / "meta.json").write_bytes(raw)
+            (tmp / "meta.sha256").write_text(hashlib.sha256(raw).hexdigest())
             with contextlib.suppress(OSError):  # another process stored the same entry first: theirs is as good
                 os.rename(tmp, entry)
         finally:  # ours not renamed (theirs won, or an error): remove it
@@ -118,4 +146,4 @@ class PreprocessedCache:
             yield from self.build(dataset)
             return
         for k, (f, m) in enumerate(cached):
-            yield self._read(k, f, m)
+            yield self._read(dataset, k, f, m)
