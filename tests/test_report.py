@@ -633,3 +633,21 @@ def test_latency_stats_and_pair():
     assert one.iters == 5 and one.min_ms <= one.q1_ms <= one.median_ms <= one.q3_ms <= one.max_ms
     a, b = measure_latency_pair(net, net, device=torch.device("cpu"), half=False, imgsz=32, batch=1, iters=6)
     assert a.iters == b.iters == 6
+
+
+def test_a_killed_report_build_leaves_nothing_behind_after_the_next_build(tmp_path, empty_db):
+    """A build killed mid-way (SIGKILL skips its cleanup) left a hidden folder; the next build of that report
+    removes it, and rebuilding with ``--sweep`` gives the full report."""
+    import os
+
+    st = Store(tmp_path, empty_db)
+    st.sweep("k1", grid(models=("yolov5n",), methods=("l1_unstructured",)))
+    root = tmp_path / "r"
+    stale = root / ".k1.abc123"
+    stale.mkdir(parents=True)
+    (stale / "accuracy_vs_sparsity.png").write_bytes(b"half-written")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    out = build_report(st.uri, EXP, sweep="k1", out_root=root)
+    assert not stale.exists() and [p.name for p in root.iterdir()] == ["k1"]
+    assert (out / "report.pdf").is_file()

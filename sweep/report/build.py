@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Union
@@ -24,6 +25,17 @@ from .common import (ALL, ARTIFACT_DIR, DEFAULT_EXPERIMENT, REPORT_FILES, Report
 
 log = logging.getLogger(__name__)
 PNG_DPI = 150
+
+
+STALE_BUILD_S = 600  # a hidden build folder this old was left by a killed build, not one in progress
+
+
+def _remove_stale_builds(out_root: Path, name: str) -> None:
+    """Hidden build folders of this report left by a build that was killed (a kill skips its cleanup)."""
+    now = time.time()
+    for stale in out_root.glob(f".{name}.*"):
+        if stale.is_dir() and now - stale.stat().st_mtime > STALE_BUILD_S:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _safe_name(s: str) -> str:
@@ -272,6 +284,7 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     out_root.mkdir(parents=True, exist_ok=True)
     name = ALL if sel.mode == ALL else _safe_name(sel.sweep_id)
     out = out_root / name
+    _remove_stale_builds(out_root, name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_root))
     try:
         for fname, fig in figs.items():
