@@ -143,14 +143,6 @@ def latency(model: nn.Module, ev: EvalSpec, device: torch.device, dense: nn.Modu
     return out
 
 
-def dense_twin(ckpt: LoadedCheckpoint, spec: JobSpec, device: torch.device) -> nn.Module | None:
-    """The job's dense model, fused and cast like the evaluated one, for the latency ratio (None for a dense job)."""
-    if spec.sparsity == 0:
-        return None
-    dense = fuse(load_model(ckpt)).to(device).eval()
-    return dense.half() if spec.eval.half else dense
-
-
 def save_model(model: nn.Module, folder: Path, stem: str = "pruned") -> tuple[ArtifactFiles, dict[str, float]]:
     """The evaluated model as the pickle-free artifact (``<stem>.safetensors`` + ``<stem>.json``), and its
     stored and zstd-compressed sizes."""
@@ -174,10 +166,11 @@ def runtime_latency(artifact: ArtifactFiles, ev: EvalSpec, device: torch.device,
     return out
 
 
-def save_and_deploy(model: nn.Module, ckpt: LoadedCheckpoint, spec: JobSpec, device: torch.device, out: Path,
+def save_and_deploy(model: nn.Module, dense: nn.Module | None, spec: JobSpec, device: torch.device, out: Path,
                     sw: Stopwatch) -> tuple[dict[str, Any], list[Path]]:
     """``prune.save``: the pickle-free artifact in the job's folder; ``eval.runtimes`` with onnxruntime: the ONNX
-    export of that artifact timed in ONNX Runtime (from a temporary artifact when the job does not save one)."""
+    export of that artifact timed in ONNX Runtime (from a temporary artifact when the job does not save one),
+    alternately with ``dense`` (the FP32 dense model; None for a dense job) for the speed-up."""
     metrics: dict[str, Any] = {}
     files: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="sweep-export-") as tmp:
@@ -189,8 +182,7 @@ def save_and_deploy(model: nn.Module, ckpt: LoadedCheckpoint, spec: JobSpec, dev
             files += artifact.paths
         if "onnxruntime" in spec.eval.runtimes:
             with sw.stage("onnxruntime"):
-                metrics |= runtime_latency(artifact, spec.eval, device, where / "pruned.onnx",
-                                           None if spec.sparsity == 0 else fuse(load_model(ckpt)))
+                metrics |= runtime_latency(artifact, spec.eval, device, where / "pruned.onnx", dense)
             if spec.prune.save:
                 files.append(where / "pruned.onnx")
     return metrics, files
@@ -252,9 +244,11 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
         lat: dict[str, float] = {}
         if ev.latency and "torch" in ev.runtimes:
             with sw.stage("latency"):
-                lat = latency(model, ev, device, dense_twin(ckpt, spec, device))
+                dense = memo.dense_model(spec.model.sha256, ckpt.model, device, ev.half) if spec.sparsity else None
+                lat = latency(model, ev, device, dense)
     if spec.prune.save or "onnxruntime" in ev.runtimes:
-        deployed, deployed_files = save_and_deploy(model, ckpt, spec, device, out, sw)
+        dense = memo.dense_model(spec.model.sha256, ckpt.model) if spec.sparsity else None  # FP32, as exported
+        deployed, deployed_files = save_and_deploy(model, dense, spec, device, out, sw)
         lat |= deployed
         files += deployed_files
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, complete_box_iou_loss
 
-from sweep.recover.hyp import resolve_hyp
+from sweep.config.hyp import resolve_hyp
 
 __all__ = ["YoloLoss", "scaled_loss_hyp", "objectness_balance", "detect_head"]
 
@@ -101,7 +101,7 @@ class YoloLoss:
 
     ``model``: our ``DetectionModel`` (or anything whose detection head has ``anchors`` [L, A, 2]
     in stride units, ``nl``, ``na``, ``nc``). ``hyp``: overrides of the loss keys of
-    :data:`sweep.recover.hyp.HYP_SCRATCH_LOW` (``box``, ``obj``, ``cls``, ``cls_pw``, ``obj_pw``,
+    :data:`sweep.config.hyp.HYP_SCRATCH_LOW` (``box``, ``obj``, ``cls``, ``cls_pw``, ``obj_pw``,
     ``anchor_t``, ``fl_gamma``, ``label_smoothing``); other known keys are accepted and ignored.
     The anchors are read from the head at every call, so the loss follows the model's device.
     """

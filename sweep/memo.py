@@ -63,6 +63,7 @@ class ProcessMemo:
     hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)
     checkpoints: dict[str, LoadedCheckpoint] = field(default_factory=dict)
     dense: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    dense_models: dict[tuple[str, str, bool], torch.nn.Module] = field(default_factory=dict)
     data: dict[tuple, EvalData] = field(default_factory=dict)
     calib: dict[tuple, Calibration] = field(default_factory=dict)
 
@@ -81,11 +82,22 @@ class ProcessMemo:
             self.checkpoints[sha256] = load_checkpoint(path, sha256)
         return self.checkpoints[sha256]
 
+    def dense_model(self, sha256: str, pristine: torch.nn.Module, device: torch.device | str = "cpu",
+                    half: bool = False) -> torch.nn.Module:
+        """The dense model fused (and moved/cast as asked), built once per process and checkpoint: the
+        reference for cost ratios and the speed-ups timed against it. Callers only run it, never change it."""
+        key = (sha256, str(device), bool(half))
+        if key not in self.dense_models:
+            self.dense_models = {k: v for k, v in self.dense_models.items() if k[0] == sha256}  # one checkpoint
+            model = fuse(copy.deepcopy(pristine).float().eval()).to(device)
+            self.dense_models[key] = model.half() if half else model
+        return self.dense_models[key]
+
     def dense_accounting(self, sha256: str, pristine: torch.nn.Module, imgsz: int) -> dict[str, Any]:
         """Cost figures of the dense fused model (the reference for params/GFLOPs ratios)."""
         key = (sha256, imgsz)
         if key not in self.dense:
-            self.dense[key] = accounting(fuse(copy.deepcopy(pristine).float().eval()), None, imgsz)[0]
+            self.dense[key] = accounting(self.dense_model(sha256, pristine), None, imgsz)[0]
         return self.dense[key]
 
     # -- data ---------------------------------------------------------------------------------

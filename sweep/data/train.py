@@ -226,7 +226,7 @@ class TrainLoader:
     ``source``: an image folder, a ``.txt`` list or a list of those (labels beside them under
     ``labels/``). ``imgsz``: the square training size S (a multiple of 32). ``batch``: images per
     batch (the last batch may be smaller). ``hyp``: overrides of
-    :data:`sweep.recover.hyp.HYP_SCRATCH_LOW` (augmentation keys). ``augment``: YOLOv5's training
+    :data:`sweep.config.hyp.HYP_SCRATCH_LOW` (augmentation keys). ``augment``: YOLOv5's training
     augmentation, else plain letterboxed images. ``shuffle``: a new sample order every epoch.
     ``names``: class names (class ids are then checked). ``limit``: keep the first N images.
     ``cache``: keep decoded, resized images in memory (about S*S*3*0.75 bytes per image).

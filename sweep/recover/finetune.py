@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from sweep.loss import YoloLoss, detect_head, scaled_loss_hyp
-from sweep.recover.hyp import resolve_hyp
+from sweep.config.hyp import resolve_hyp
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def finetune(model: nn.Module, batches: BatchesFactory, *, batch: int, epochs: i
 
     ``epochs``: training epochs (the LR schedule's length); ``iters``: optional cap on the total
     number of batches (training stops there, the schedule still assumes ``epochs``). ``hyp``:
-    overrides of :data:`sweep.recover.hyp.HYP_SCRATCH_LOW`. ``imgsz``: the training image size (obj
+    overrides of :data:`sweep.config.hyp.HYP_SCRATCH_LOW`. ``imgsz``: the training image size (obj
     gain scaling). ``device``: default the model's; ``amp``: default True on CUDA only.
     ``masks``: ``{param name: bool keep}``; default :func:`zero_masks` (every zero of every Conv2d
     weight stays zero). ``use_ema``: load the EMA weights into ``model`` at the end (YOLOv5 saves
