@@ -170,6 +170,7 @@ class Outcome:
     reason: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     job: str = ""                  # the job's folder name in the sweep dir (filled when read back)
+    pending: bool = False          # its run record waits in the spool: the tracking store did not answer
 
     def save(self, output_dir: Path) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +188,7 @@ class Outcome:
         if not isinstance(d, dict) or d.get("status") not in STATUSES or not isinstance(d.get("name"), str):
             raise ValueError(f"{output_dir / OUTCOME_FILE} is not an outcome record")
         return cls(d["status"], d["name"], d.get("run_id"), str(d.get("reason") or ""),
-                   dict(d.get("metrics") or {}), output_dir.name)
+                   dict(d.get("metrics") or {}), output_dir.name, bool(d.get("pending", False)))
 
 
 # ------------------------------------------------------------------------------- tracking defaults
@@ -196,6 +197,7 @@ DEFAULT_EXPERIMENT = "yolov5-sparsity"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"   # MLflow 3's UI: which view an experiment opens on
 EXPERIMENT_KIND = "custom_model_development"     # the runs table (model training), not the GenAI overview
 DEFAULT_OUTPUTS = "outputs"
+SPOOL_DIR = "spool"   # <paths.outputs>/spool/: run records waiting for a tracking store that did not answer
 
 
 def default_store(outputs: str | os.PathLike = DEFAULT_OUTPUTS) -> tuple[str, str]:

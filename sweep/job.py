@@ -32,7 +32,7 @@ from sweep import contract
 from sweep.assets import AssetError
 from sweep.config.resolve import resolve_job, resolve_tracking
 from sweep.config.schema import ConfigError
-from sweep.config.spec import EvalSpec, JobSpec, PruneSpec, RecoverSpec
+from sweep.config.spec import EvalSpec, JobSpec, PruneSpec, RecoverSpec, TrackSpec
 from sweep.contract import Outcome
 from sweep.data import DataError
 from sweep.evaluate import CocoEvaluator, CocoResult, LoopResult, gc_paused, measure_latency, run_inference
@@ -45,6 +45,7 @@ from sweep.model import ArtifactFiles, CheckpointError, LoadedCheckpoint, artifa
 from sweep.prune import PRUNERS, accounting, select_convs
 from sweep.recover import RECOVERERS, Calibration
 from sweep.track import Tracker, TrackingError, environment_tags
+from sweep.track.spool import EXIT_PENDING, RunRecord, RunSink, pending_message, store_key, upload_pending
 
 log = logging.getLogger(__name__)
 
@@ -279,47 +280,76 @@ def run_job(cfg: DictConfig, ctx: JobContext, memo: ProcessMemo | None = None) -
 
 
 def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
-    """Track and measure a resolved job (skipped when ``resume`` finds a FINISHED run of its config hash)."""
-    tracker = None
-    if spec.track.enabled:
-        tracker = Tracker.from_spec(spec.track)
-        if not ctx.sweep_id:  # a single run; a multirun's callback does this once at sweep start
-            tracker.close_orphans()
-        if spec.resume:
-            prev = tracker.finished_run(spec.config_hash)
-            if prev is not None:
-                log.info("skip %s: config_hash %s already has FINISHED run %s (%s); resume=false forces a re-run",
-                         spec.run_name, spec.config_hash, prev.info.run_id, prev.info.run_name)
-                if ctx.sweep_id and prev.data.tags.get(contract.TAG_SWEEP_ID) != ctx.sweep_id:
-                    tracker.log(prev.info.run_id, tags={contract.also_in_sweep_tag(ctx.sweep_id): "true"})
-                return Outcome("skipped", spec.run_name, prev.info.run_id, f"same config as run {prev.info.run_id}",
-                               dict(prev.data.metrics))
+    """Track and measure a resolved job (skipped when ``resume`` finds a FINISHED run of its config hash).
+
+    A tracking store that does not answer within ``mlflow.retry_window`` never stops the job: it keeps
+    evaluating and its complete record waits in the spool (``Outcome.pending``) until an upload."""
+    tracker = connect(spec.track, memo) if spec.track.enabled else None
+    if tracker is not None:
+        try:
+            if not ctx.sweep_id:  # a single run; a multirun's callback does this once at sweep start
+                upload_pending(tracker, spec.track.spool)
+                tracker.close_orphans()
+            if spec.resume:
+                prev = tracker.finished_run(spec.config_hash)
+                if prev is not None:
+                    log.info("skip %s: config_hash %s already has FINISHED run %s (%s); resume=false forces a re-run",
+                             spec.run_name, spec.config_hash, prev.info.run_id, prev.info.run_name)
+                    if ctx.sweep_id and prev.data.tags.get(contract.TAG_SWEEP_ID) != ctx.sweep_id:
+                        tracker.log(prev.info.run_id, tags={contract.also_in_sweep_tag(ctx.sweep_id): "true"})
+                    return Outcome("skipped", spec.run_name, prev.info.run_id,
+                                   f"same config as run {prev.info.run_id}", dict(prev.data.metrics))
+        except TrackingError as exc:
+            log.warning("tracking store unavailable (%s): %s is evaluated without the resume check and its record "
+                        "kept locally", exc, spec.run_name)
+            memo.tracking_down.add(spec.track.uri)
+            tracker = None
 
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    run_id = None
-    if tracker is not None:
-        parent = tracker.parent_run(ctx.sweep_id) if ctx.sweep_id else None
-        run_id = tracker.start_run(spec.run_name, job_tags(spec, ctx), parent.info.run_id if parent else None)
+    sink = None
+    if spec.track.enabled:
+        sink = RunSink(tracker, spec.track.spool, RunRecord(
+            spec.run_name, store_key(spec.track.uri, spec.track.experiment), contract.redact(spec.track.uri),
+            sweep_id=ctx.sweep_id, config_hash=spec.config_hash, tags=job_tags(spec, ctx)))
+        sink.start()
     try:
-        if tracker is not None:
-            tracker.log(run_id, params=dict(spec.params))
+        if sink is not None:
+            sink.log(params=dict(spec.params))
         metrics, files = measure(spec, ctx, memo)
-        if tracker is not None:
+        pending = False
+        if sink is not None:
             sw = Stopwatch()
             with sw.stage("logging"):
-                tracker.log(run_id, metrics=metrics)
-                tracker.log_artifacts(run_id, files)
-                tracker.end(run_id, "FINISHED")
+                sink.log(metrics=metrics)
+                sink.log_artifacts(files)
+                pending = sink.end("FINISHED")
             metrics.update(sw.as_metrics())
-        return Outcome("done", spec.run_name, run_id, "", metrics)
+            if pending:
+                memo.tracking_down.add(spec.track.uri)
+        reason = f"upload pending: {sink.spooled}" if pending else ""
+        return Outcome("done", spec.run_name, sink.run_id if sink else None, reason, metrics, pending=pending)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C; submitit requeueing a preempted/timed-out job exits it
-        if tracker is not None and run_id:
-            tracker.end(run_id, "KILLED")
+        if sink is not None:
+            sink.end("KILLED", quick=True)
         raise
     except Exception as exc:
-        if tracker is not None and run_id:
-            _record_failure(tracker, run_id, ctx.output_dir, exc)
+        if sink is not None:
+            _record_failure(sink, ctx.output_dir, exc)
         raise
+
+
+def connect(spec: TrackSpec, memo: ProcessMemo) -> Tracker | None:
+    """The job's tracker, or None when the store does not answer within its retry window (then the job's
+    record is spooled). A store that already failed in this process gets one quick probe, not a new window."""
+    window = 0.0 if spec.uri in memo.tracking_down else None
+    try:
+        tracker = Tracker.from_spec(spec, retry_window=window)
+    except TrackingError as exc:
+        log.warning("%s; the job runs and keeps its record in %s", exc, spec.spool)
+        memo.tracking_down.add(spec.uri)
+        return None
+    memo.tracking_down.discard(spec.uri)
+    return tracker
 
 
 def job_tags(spec: JobSpec, ctx: JobContext) -> dict[str, str]:
@@ -347,12 +377,13 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _record_failure(tracker: Tracker, run_id: str, output_dir: Path, exc: BaseException) -> None:
+def _record_failure(sink: RunSink, output_dir: Path, exc: BaseException) -> None:
     tb = output_dir / "traceback.txt"
     tb.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     try:
-        tracker.log_artifacts(run_id, [tb])
-        tracker.fail(run_id, f"{type(exc).__name__}: {exc}")
+        sink.log_artifacts([tb])
+        sink.log(tags={contract.TAG_ERROR: f"{type(exc).__name__}: {exc}"[:5000]})
+        sink.end("FAILED")
     except Exception as log_exc:  # noqa: BLE001 - the job's own error matters more
         log.error("could not record the failure in MLflow: %s", log_exc)
 
@@ -416,6 +447,9 @@ def task(cfg: DictConfig, memo: ProcessMemo) -> Outcome:
     if outcome.status == "done":
         log.info("done %s: mAP50-95 %.4f  AR100 %.4f  %.1f ms/img -> %s", name, m.get("mAP50-95", 0),
                  m.get("AR100", 0), m.get("ms_inference", 0), ctx.output_dir)
+    if outcome.pending and not multirun:
+        print(pending_message(1, resolve_tracking(cfg)), file=sys.stderr)
+        sys.exit(EXIT_PENDING)
     return outcome
 
 
@@ -424,7 +458,7 @@ def _mark_parent_killed(cfg: DictConfig, sweep_id: str | None) -> None:
     if not (sweep_id and cfg.mlflow.enabled):
         return
     try:
-        tracker = Tracker.from_spec(resolve_tracking(cfg), retries=0)
+        tracker = Tracker.from_spec(resolve_tracking(cfg), retry_window=0)
         parent = tracker.parent_run(sweep_id)
         if parent is not None:
             tracker.end(parent.info.run_id, "KILLED")

@@ -66,6 +66,7 @@ class ProcessMemo:
     dense_models: dict[tuple[str, str, bool], torch.nn.Module] = field(default_factory=dict)
     data: dict[tuple, EvalData] = field(default_factory=dict)
     calib: dict[tuple, Calibration] = field(default_factory=dict)
+    tracking_down: set[str] = field(default_factory=set)  # store URIs that failed past their retry window here
 
     # -- weights ------------------------------------------------------------------------------
     def sha256(self, path: Path) -> str:

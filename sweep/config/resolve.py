@@ -107,7 +107,8 @@ def _check_values(c: Mapping[str, Any]) -> None:
     r = c["recover"]
     _check(r["images"] >= 1, "recover.images", r["images"], "an integer >= 1")
     _check(r["batch"] >= 1, "recover.batch", r["batch"], "an integer >= 1")
-    _check(c["mlflow"]["retries"] >= 0, "mlflow.retries", c["mlflow"]["retries"], "an integer >= 0")
+    _check(c["mlflow"]["retry_window"] >= 0, "mlflow.retry_window", c["mlflow"]["retry_window"],
+           "a number of seconds >= 0")
     _check(r["epochs"] >= 1, "recover.epochs", r["epochs"], "an integer >= 1")
     if r["iters"] is not None:
         _check(r["iters"] >= 1, "recover.iters", r["iters"], "an integer >= 1 or null (no cap)")
@@ -267,7 +268,8 @@ def resolve_tracking(cfg: DictConfig | Mapping[str, Any]) -> TrackSpec:
     artifacts = m.get("artifact_location")
     if not artifacts and uri == contract.default_store(outputs)[0]:
         artifacts = contract.default_store(outputs)[1]
-    return TrackSpec(bool(m["enabled"]), uri, str(m["experiment"]), artifacts, int(m["retries"]))
+    return TrackSpec(bool(m["enabled"]), uri, str(m["experiment"]), artifacts, float(m["retry_window"]),
+                     outputs.resolve() / contract.SPOOL_DIR)
 
 
 # ------------------------------------------------------------------------------- the job

@@ -136,7 +136,9 @@ class MlflowConfig:
     tracking_uri: Optional[str] = None
     experiment: str = DEFAULT_EXPERIMENT
     artifact_location: Optional[str] = None
-    retries: int = 3
+    # seconds a tracking call keeps retrying a store that does not answer (backoff up to 15 s); after that the
+    # job keeps evaluating and its record waits in <paths.outputs>/spool/ until the store answers again
+    retry_window: float = 300.0
 
 
 @dataclass

@@ -97,7 +97,8 @@ class TrackSpec:
     uri: str = ""
     experiment: str = ""
     artifact_location: str | None = None
-    retries: int = 3
+    retry_window: float = 300.0   # seconds (see sweep/config/schema.py)
+    spool: Path | None = None     # where records wait while the store does not answer (absolute)
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,20 @@ from sweep import contract
 from sweep.config.resolve import check_values, resolve_tracking
 from sweep.config.schema import ConfigError
 from sweep.contract import Outcome
+from sweep.track.spool import (EXIT_PENDING, RunRecord, RunSink, pending, pending_message, store_key,
+                               upload_pending)
 from sweep.track.tracker import Tracker, TrackingError, environment_tags
 
 log = logging.getLogger(__name__)
 
 
-def _tracker(config: DictConfig) -> Tracker:
-    return Tracker.from_spec(resolve_tracking(config))
+def _tracker(config: DictConfig, retry_window: float | None = None) -> Tracker:
+    return Tracker.from_spec(resolve_tracking(config), retry_window=retry_window)
+
+
+# seconds the sweep's own start and end wait for the store (each job waits its full mlflow.retry_window):
+# at the start nothing is lost by failing (fix the URI, run again); at the end the records are already safe
+SWEEP_EDGE_WINDOW = 10.0
 
 
 REASON_CHARS = 160  # a failure reason in the summary table; the job's own log line has all of it
@@ -81,12 +88,14 @@ def summary_table(outcomes: list[Outcome]) -> str:
         reason = o.reason if len(o.reason) <= REASON_CHARS else o.reason[:REASON_CHARS - 1] + "…"  # full text: job log
         lines.append(f"{o.job:>4}  {o.status:<8} {o.name:<44} {ap:>8} {ar:>6}  {reason}")
     c = _counts(outcomes)
-    lines.append(f"sweep: {c['jobs_done']} done, {c['jobs_skipped']} skipped, {c['jobs_failed']} failed")
+    pending = f" ({c['jobs_pending']} with its MLflow record pending upload)" if c["jobs_pending"] else ""
+    lines.append(f"sweep: {c['jobs_done']} done, {c['jobs_skipped']} skipped, {c['jobs_failed']} failed{pending}")
     return "\n".join(lines)
 
 
 def _counts(outcomes: list[Outcome]) -> dict[str, int]:
-    return {f"jobs_{s}": sum(o.status == s for o in outcomes) for s in contract.STATUSES}
+    counts = {f"jobs_{s}": sum(o.status == s for o in outcomes) for s in contract.STATUSES}
+    return counts | {"jobs_pending": sum(o.pending for o in outcomes)}
 
 
 def _summarize(sweep_dir: Path) -> list[Outcome]:
@@ -141,7 +150,10 @@ class SweepCallback(Callback):
             return
         sweep_id = Path(str(config.hydra.sweep.dir)).name
         try:
-            tracker = _tracker(config)
+            tracker = _tracker(config, retry_window=SWEEP_EDGE_WINDOW)
+            uploaded, left = upload_pending(tracker, resolve_tracking(config).spool)  # records of earlier outages
+            if uploaded or left:
+                log.info("spool: %d earlier run record(s) uploaded, %d still pending", uploaded, left)
             tracker.close_orphans()  # runs earlier sweeps' dead processes left RUNNING
             existing = tracker.parent_run(sweep_id)
             if existing is not None:
@@ -165,25 +177,49 @@ class SweepCallback(Callback):
         self._open = None
         atexit.unregister(self._abandoned)
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        sweep_id = sweep_dir.name
         outcomes = _summarize(sweep_dir)
         failed = sum(o.status == "failed" for o in outcomes)
+        left = 0
         if config.mlflow.enabled and self.parent_run_id:
-            try:
-                tracker = _tracker(config)
-                tracker.log(self.parent_run_id, tags=_counts(outcomes))
-                tracker.log_artifacts(self.parent_run_id, [sweep_dir / "summary.txt"])
-                if failed:  # the runs table must not show a sweep with failed jobs as a success
-                    tracker.fail(self.parent_run_id, f"{failed} of {len(outcomes)} job(s) failed")
-                else:
-                    tracker.end(self.parent_run_id, "FINISHED")
-                if config.report:
-                    self._report(config, tracker, sweep_id)
-            except Exception as exc:  # noqa: BLE001 - best effort after the jobs ran
-                log.error("closing the sweep's MLflow parent run failed: %s", exc)
+            left = self._close_parent(config, sweep_dir, outcomes, failed)
         if failed:
             print(f"{failed} job(s) failed", file=sys.stderr, flush=True)
-            sys.exit(1)
+        if left:
+            print(pending_message(left, resolve_tracking(config)), file=sys.stderr, flush=True)
+        if failed or left:
+            sys.exit(1 if failed else EXIT_PENDING)
+
+    def _close_parent(self, config: DictConfig, sweep_dir: Path, outcomes: list[Outcome], failed: int) -> int:
+        """Upload what the jobs spooled, end the parent run (or spool its end too), build the report.
+        Returns how many records are still pending upload."""
+        spec = resolve_tracking(config)
+        tracker = None
+        try:
+            tracker = _tracker(config, retry_window=SWEEP_EDGE_WINDOW)
+            upload_pending(tracker, spec.spool)
+        except TrackingError as exc:
+            log.warning("the MLflow store did not answer at the end of the sweep: %s", exc)
+            tracker = None
+        record = RunRecord(f"sweep-{sweep_dir.name}", store_key(spec.uri, spec.experiment), contract.redact(spec.uri),
+                           role=contract.ROLE_PARENT, run_id=self.parent_run_id, sweep_id=sweep_dir.name)
+        sink = RunSink(tracker, spec.spool, record)
+        tags: dict[str, Any] = dict(_counts(outcomes))
+        if failed:  # the runs table must not show a sweep with failed jobs as a success
+            tags[contract.TAG_ERROR] = f"{failed} of {len(outcomes)} job(s) failed"
+        try:
+            sink.log(tags=tags)
+            sink.log_artifacts([sweep_dir / "summary.txt"])
+            spooled = sink.end("FAILED" if failed else "FINISHED")
+        except Exception as exc:  # noqa: BLE001 - best effort after the jobs ran
+            log.error("closing the sweep's MLflow parent run failed: %s", exc)
+            return 0
+        left = len(pending(spec.spool, record.store)) if spec.spool else 0
+        if spooled:
+            log.warning("report for sweep %s not built: its runs wait for the store; after the upload: "
+                        "python -m sweep.report --sweep %s", sweep_dir.name, sweep_dir.name)
+        elif config.report and not left:
+            self._report(config, sink.tracker, sweep_dir.name)
+        return left
 
     def _abandoned(self) -> None:
         """atexit: the launcher raised, so ``on_multirun_end`` never ran (see the module doc)."""

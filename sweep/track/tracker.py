@@ -3,12 +3,15 @@
 - Store: the job spec's :class:`sweep.config.spec.TrackSpec` (resolved once: ``mlflow.tracking_uri``
   > $MLFLOW_TRACKING_URI > ``sqlite:///<abs outputs>/mlflow.db``, see ``sweep.contract``).
 - One parent run per multirun, one child run per job; tag keys are ``sweep.contract``'s.
-- Every client call is retried a bounded number of times (SQLite "database is locked" under
-  concurrent writers, a tracking server that blinks), then fails with ``TrackingError``.
+- Every client call that fails transiently (SQLite "database is locked" under concurrent writers,
+  a tracking server that is restarting or away) is retried with capped exponential backoff for
+  ``TrackSpec.retry_window`` seconds, then fails with ``TrackingError``; the job then keeps its
+  complete record in the local spool (``sweep.track.spool``) instead of losing it.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import platform
@@ -26,12 +29,13 @@ from mlflow.tracking import MlflowClient
 from sweep.assets import file_lock
 from sweep.config.spec import TrackSpec
 from sweep.contract import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ROLE_PARENT, TAG_CONFIG_HASH, TAG_ERROR, TAG_HOST,
-                            TAG_PID, TAG_ROLE, TAG_SWEEP_ID)
+                            TAG_PID, TAG_ROLE, TAG_SWEEP_ID, redact)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PARAM_MAX_LEN = 6000
+MAX_BACKOFF = 15.0  # seconds between two attempts at most: a server that is back is noticed soon
 
 
 class TrackingError(RuntimeError):
@@ -50,9 +54,10 @@ class Tracker:
     """A thin, retrying wrapper over ``MlflowClient`` for one experiment."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None,
-                 retries: int = 3, backoff: float = 0.5) -> None:
+                 retry_window: float = 300.0, backoff: float = 0.5) -> None:
         self.uri = tracking_uri
-        self.retries = max(0, int(retries))
+        self.experiment = experiment
+        self.retry_window = max(0.0, float(retry_window))
         self.backoff = backoff
         self.check_reachable()
         with _store_creation_lock(tracking_uri):
@@ -60,36 +65,49 @@ class Tracker:
             self.experiment_id = self._call(self._get_or_create_experiment, experiment, artifact_location)
 
     @classmethod
-    def from_spec(cls, spec: TrackSpec, retries: int | None = None) -> "Tracker":
+    def from_spec(cls, spec: TrackSpec, retry_window: float | None = None) -> "Tracker":
+        """``retry_window`` overrides the spec's (0: one attempt, e.g. a quick probe or a store known to be down)."""
         return cls(spec.uri, spec.experiment, spec.artifact_location,
-                   retries=spec.retries if retries is None else retries)
+                   retry_window=spec.retry_window if retry_window is None else retry_window)
 
     # -- plumbing ---------------------------------------------------------------------------
     def check_reachable(self, timeout: float = 5.0) -> None:
-        """Fail fast, with the URI in the message, when an HTTP tracking server does not answer."""
+        """Wait up to the retry window for an HTTP tracking server to answer; then fail with the URI in the message."""
         if not self.uri.startswith(("http://", "https://")):
             return
         url = self.uri.rstrip("/") + "/health"
+
+        def health() -> None:
+            try:
+                requests.get(url, timeout=timeout).raise_for_status()
+            except Exception as exc:  # noqa: BLE001 - any failure means unreachable (retried as a connection error)
+                raise ConnectionError(f"{type(exc).__name__}: {exc}") from None
+
         try:
-            r = requests.get(url, timeout=timeout)
-            r.raise_for_status()
-        except Exception as exc:  # noqa: BLE001 - any failure means unreachable
+            self._call(health)
+        except TrackingError as exc:
             raise TrackingError(
-                f"MLflow tracking server {self.uri} is unreachable ({type(exc).__name__}: {exc}); "
-                "start it (mlflow server ...) or set mlflow.tracking_uri to a reachable store") from None
+                f"MLflow tracking server {redact(self.uri)} is unreachable ({exc.__cause__}); start it "
+                "(mlflow server ...) or set mlflow.tracking_uri to a reachable store") from None
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        for attempt in range(self.retries + 1):
+        """``fn(*args)``, retried on transient failures with backoff (0.5 s doubling, at most 15 s between
+        attempts) until ``retry_window`` seconds have passed; then ``TrackingError``."""
+        start = time.monotonic()
+        for attempt in itertools.count():
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - classified below
-                if attempt >= self.retries or not _is_transient(exc):
-                    if _is_transient(exc):
-                        raise TrackingError(
-                            f"MLflow store {self.uri} failed after {attempt + 1} attempts: {exc}") from exc
+                if not _is_transient(exc):
                     raise
-                delay = self.backoff * (2 ** attempt)
-                log.warning("MLflow call %s failed (%s); retrying in %.1fs", getattr(fn, "__name__", fn), exc, delay)
+                elapsed = time.monotonic() - start
+                delay = min(self.backoff * (2 ** attempt), MAX_BACKOFF, self.retry_window - elapsed)
+                if delay <= 0:
+                    raise TrackingError(f"MLflow store {redact(self.uri)} did not answer for {elapsed:.0f} s "
+                                        f"({attempt + 1} attempts, mlflow.retry_window={self.retry_window:g}): "
+                                        f"{redact(str(exc))}") from exc
+                log.warning("MLflow call %s failed (%s); retrying in %.1fs", getattr(fn, "__name__", fn),
+                            redact(str(exc))[:200], delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
