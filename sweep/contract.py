@@ -103,6 +103,7 @@ TAG_PID = "pid"
 TAG_DEVICE_NAME = "device_name"
 TAG_OUTPUT_DIR = "output_dir"
 TAG_SWEEP_DIR = "sweep_dir"
+TAG_WAITING_FOR = "waiting_for"  # a job waiting for the run that claimed the same point (concurrent sweeps)
 TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag
 _ALSO_IN_SWEEP = "also_in_sweep."
 

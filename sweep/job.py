@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +313,10 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
             spec.run_name, store_key(spec.track.uri, spec.track.experiment), contract.redact(spec.track.uri),
             sweep_id=ctx.sweep_id, config_hash=spec.config_hash, tags=job_tags(spec, ctx)))
         sink.start()
+        if spec.resume and sink.online and sink.run_id:
+            reused = _hold_or_reuse(sink, spec, ctx)
+            if reused is not None:
+                return reused
     try:
         if sink is not None:
             sink.log(params=dict(spec.params))
@@ -336,6 +341,35 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
         if sink is not None:
             _record_failure(sink, ctx.output_dir, exc)
         raise
+
+
+def _hold_or_reuse(sink: RunSink, spec: JobSpec, ctx: JobContext) -> Outcome | None:
+    """Evaluate each point once when sweeps overlap: None when this job holds the point (its run is the
+    claim, see ``Tracker.claim``); else wait for the holder and reuse its result (this job's run is
+    deleted). A holder that fails or is killed hands the point on: the claim is asked again."""
+    tracker, run_id = sink.tracker, sink.run_id
+    t0 = time.monotonic()
+    try:
+        while (holder := tracker.claim(spec.config_hash, run_id)) is not None:
+            other = holder.data.tags.get(contract.TAG_SWEEP_ID, "a single run")
+            log.info("%s is being evaluated by run %s (sweep %s, pid %s on %s): waiting for its result instead of "
+                     "evaluating it twice", spec.run_name, holder.info.run_id, other,
+                     holder.data.tags.get(contract.TAG_PID, "?"), holder.data.tags.get(contract.TAG_HOST, "?"))
+            tracker.log(run_id, tags={contract.TAG_WAITING_FOR: holder.info.run_id})
+            final = tracker.wait_for(holder.info.run_id)
+            if final.info.status == "FINISHED":
+                tracker.delete(run_id)
+                if ctx.sweep_id and final.data.tags.get(contract.TAG_SWEEP_ID) != ctx.sweep_id:
+                    tracker.log(final.info.run_id, tags={contract.also_in_sweep_tag(ctx.sweep_id): "true"})
+                return Outcome("skipped", spec.run_name, final.info.run_id,
+                               f"evaluated once for both: by concurrent {other} (run {final.info.run_id}); "
+                               f"waited {time.monotonic() - t0:.0f} s", dict(final.data.metrics))
+            log.info("run %s ended %s: %s evaluates the point itself", holder.info.run_id, final.info.status,
+                     spec.run_name)
+    except TrackingError as exc:  # cannot coordinate: evaluate (a duplicate is better than a lost point)
+        log.warning("tracking store unavailable while claiming %s (%s): evaluating it", spec.run_name, exc)
+        sink.tracker = None
+    return None
 
 
 def connect(spec: TrackSpec, memo: ProcessMemo) -> Tracker | None:

@@ -141,6 +141,37 @@ def test_two_sweeps_launched_in_the_same_second_never_share_a_sweep(tmp_path, as
         assert {r.data.tags["sweep_id"] for r in kids} == {parent.data.tags["sweep_id"]}
 
 
+def test_two_overlapping_sweeps_at_once_evaluate_each_point_once(tmp_path, assets):
+    """Regression: the resume check was not atomic, so two sweeps launched together with the same points
+    both evaluated them. Now the first run of a config hash holds the point; the other sweep waits for it
+    and reuses its result (its summary says so)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import FAST, REPO
+
+    out = tmp_path / "outputs"
+    cmd = [sys.executable, "-m", "sweep", "-m", *TINY[:2], "data.limit=16", "eval.imgsz=320", "report=false",
+           "sparsity=0,0.3", f"paths.outputs={out}", f"paths.preprocessed={out}/pre", *FAST]
+    procs = [subprocess.Popen([*cmd, f"hydra.sweep.dir={tmp_path / name}"], cwd=REPO, env=os.environ.copy(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    evaluated = sorted(f.parent.name for name in ("a", "b") for f in (tmp_path / name).glob("*/metrics.json"))
+    assert evaluated == ["0", "1"], "each point must be evaluated by exactly one of the two sweeps"
+    kids = _children(out)
+    assert sorted(r.info.run_name for r in kids) == ["yolov5n-l1_unstructured-s0.00", "yolov5n-l1_unstructured-s0.30"]
+    assert all(r.info.status == "FINISHED" for r in kids)  # the waiting runs were deleted, none left RUNNING
+    import re
+
+    summaries = "".join(stdout for stdout, _ in outputs)
+    counts = [tuple(map(int, m)) for m in re.findall(r"sweep: (\d+) done, (\d+) skipped, (\d+) failed", summaries)]
+    assert len(counts) == 2 and [sum(c) for c in zip(*counts)] == [2, 2, 0], counts
+    assert "evaluated once for both: by concurrent" in summaries or "same config as run" in summaries
+
+
 def test_an_override_hydra_cannot_parse_is_named(tmp_path):
     """Hydra's grammar error does not say which override is wrong; ours does, as an input error (exit 2)."""
     p = run_cli(tmp_path / "outputs", "-m", "model=yolov5n", "sparsity=0.3,0.5,")

@@ -145,6 +145,32 @@ class Tracker:
         runs = self.search(f"tags.{TAG_SWEEP_ID} = '{sweep_id}' and tags.`{TAG_ROLE}` = '{ROLE_PARENT}'", 1)
         return runs[0] if runs else None
 
+    def claim(self, config_hash_: str, run_id: str) -> Any | None:
+        """Who evaluates the point ``config_hash_``: None when it is this RUNNING run ``run_id``, else the
+        run that claimed it first. The claim is the RUNNING run itself: among the RUNNING runs of that
+        config hash whose process may be alive, the earliest started (ties: the smaller run id) holds it.
+        Every contender creates its run before asking, so two sweeps that reach a point at once agree
+        on one holder (start times come from the hosts' clocks: they must agree across hosts)."""
+        runs = self.search(f"tags.{TAG_CONFIG_HASH} = '{config_hash_}' and attributes.status = 'RUNNING'")
+        live = [r for r in runs if r.info.run_id == run_id or _may_be_alive(r)]
+        if not any(r.info.run_id == run_id for r in live):  # not visible yet (a replica that lags): ask again later
+            return None
+        first = min(live, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        return None if first.info.run_id == run_id else first
+
+    def wait_for(self, run_id: str, poll: float = 2.0, max_poll: float = 10.0) -> Any:
+        """Block until run ``run_id`` is no longer RUNNING (or its process on this host is gone); the run."""
+        while True:
+            run = self._call(self.client.get_run, run_id)
+            if run.info.status != "RUNNING" or not _may_be_alive(run):
+                return run
+            time.sleep(poll)
+            poll = min(poll * 1.5, max_poll)
+
+    def delete(self, run_id: str) -> None:
+        """Delete a run that never evaluated anything (a lost claim): it must not look like a result."""
+        self._call(self.client.delete_run, run_id)
+
     # -- writes -----------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
         tags = dict(tags)
@@ -225,6 +251,15 @@ def environment_tags() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return tags
+
+
+def _may_be_alive(run: Any) -> bool:
+    """Whether the process that runs ``run`` may still be running: known dead only on this host."""
+    tags = run.data.tags
+    pid = tags.get(TAG_PID, "")
+    if tags.get(TAG_HOST) != platform.node() or not pid.isdigit():
+        return True
+    return process_alive(int(pid))
 
 
 def process_alive(pid: int) -> bool:
