@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 # ------------------------------------------------------------------------------- metrics
 
@@ -103,9 +103,22 @@ TAG_PID = "pid"
 TAG_DEVICE_NAME = "device_name"
 TAG_OUTPUT_DIR = "output_dir"
 TAG_SWEEP_DIR = "sweep_dir"
+TAG_SIGNATURE = "sweep.signature"  # parent runs: what the sweep command asked for (continuing an interrupted sweep)
 TAG_WAITING_FOR = "waiting_for"  # a job waiting for the run that claimed the same point (concurrent sweeps)
 TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag
 _ALSO_IN_SWEEP = "also_in_sweep."
+
+
+def continued_tag(sweep_id: str) -> str:
+    """Parent-run tag: the launch ``sweep_id`` continued this interrupted sweep (same command, same parent run)."""
+    return f"sweep.continued.{sweep_id}"
+
+
+def sweep_ids(parent_tags: Mapping[str, str]) -> list[str]:
+    """Every launch id of one sweep's parent run: its own, then the launches that continued it."""
+    prefix = continued_tag("")
+    own = [parent_tags[TAG_SWEEP_ID]] if TAG_SWEEP_ID in parent_tags else []
+    return own + sorted(k[len(prefix):] for k, v in parent_tags.items() if k.startswith(prefix) and v == "true")
 
 
 def also_in_sweep_tag(sweep_id: str) -> str:

@@ -277,3 +277,52 @@ def test_sigterm_ends_the_sweep_like_ctrl_c(tmp_path, assets, sig):
     assert after[victim.info.run_id].info.status == "KILLED"
     [parent] = [r for r in after.values() if r.data.tags.get("sweep.role") == "parent"]
     assert parent.info.status == "KILLED"
+
+
+def test_rerunning_an_interrupted_sweep_continues_it_under_the_same_parent_run(tmp_path, assets):
+    """Regression: every launch had its own parent run, so a grid interrupted and resumed was scattered over
+    several parents (and reports). The same command again now continues the interrupted sweep's parent."""
+    import signal
+
+    from sweep.report.query import select_runs
+
+    out = tmp_path / "outputs"
+    args = ("-m", "model=yolov5n", "data=coco-val128", "data.limit=16", "eval.imgsz=320", "report=false",
+            "sparsity=0,0.3")
+    extra = [f"paths.outputs={out}", f"paths.preprocessed={out}/pre", *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "sweep", *args, *extra, f"hydra.sweep.dir={tmp_path / 's1'}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "s1" / "0" / "outcome.json").exists():  # job 0 done: job 1 starts next
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        _first_running_job(out, tmp_path / "s1", proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    [parent] = [r for r in runs(out) if r.data.tags.get("sweep.role") == "parent"]
+    assert parent.info.status == "KILLED"
+
+    p = run_cli(out, *args, sweep_dir=tmp_path / "s2")  # the same command, a new launch
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 done, 1 skipped, 0 failed" in p.stdout
+    assert "continues the interrupted sweep s1" in p.stdout + p.stderr
+    parents = [r for r in runs(out) if r.data.tags.get("sweep.role") == "parent"]
+    assert [r.info.run_id for r in parents] == [parent.info.run_id] and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["sweep.continued.s2"] == "true" and "error" not in parents[0].data.tags
+    finished = [r for r in runs(out, filter_string="attributes.status = 'FINISHED' and tags.`sweep.role` = 'job'")]
+    assert sorted(r.info.run_name for r in finished) == _names(0, 0.3)
+    assert {r.data.tags["mlflow.parentRunId"] for r in finished} == {parent.info.run_id}
+    # the report of either launch id is the whole sweep
+    for sweep in ("s1", "s2"):
+        sel = select_runs(f"sqlite:///{out / 'mlflow.db'}", "yolov5-sparsity", sweep=sweep)
+        assert sel.parent.info.run_id == parent.info.run_id
+        assert sorted(r.info.run_name for r in sel.runs if r.info.status == "FINISHED") == _names(0, 0.3)
+
+    # a different command is a different sweep
+    p = run_cli(out, *args[:-1], "sparsity=0.3", sweep_dir=tmp_path / "s3")
+    assert p.returncode == 0 and len([r for r in runs(out) if r.data.tags.get("sweep.role") == "parent"]) == 2

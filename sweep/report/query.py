@@ -129,20 +129,22 @@ def _recent_sweeps(client, experiment_id: str, n: int = 5) -> list[str]:
     return [p.data.tags.get(TAG_SWEEP_ID, p.info.run_id) for p in _parents(client, experiment_id, max_results=n)]
 
 
-def _members(client, eid: str, sweep_id: Optional[str], parent_id: Optional[str]) -> tuple[list, int]:
+def _members(client, eid: str, sweep_ids: list[str], parent_id: Optional[str]) -> tuple[list, int]:
     """The job runs of a sweep and how many of them were reused from earlier sweeps.
 
     Members: children of the parent run, runs tagged ``sweep_id=<id>``, and FINISHED runs of earlier
     sweeps that this sweep skipped as already done (resume by config hash tags them
-    ``also_in_sweep.<id>=true``). With a sweep id the children need no search of their own: a job is
-    only nested under the parent of its own ``sweep_id`` (sweep/job.py), so the tag search finds them.
+    ``also_in_sweep.<id>=true``), for every launch id of the sweep (an interrupted sweep continued by
+    the same command keeps its parent run; each launch has its own id). With sweep ids the children
+    need no search of their own: a job is only nested under the parent of its own ``sweep_id``
+    (sweep/job.py), so the tag search finds them.
     """
     found: dict[str, object] = {}
-    if parent_id and not sweep_id:
+    if parent_id and not sweep_ids:
         for r in search_all(client, [eid], f"tags.`{TAG_PARENT_RUN}` = '{parent_id}'"):
             found[r.info.run_id] = r
     reused = []
-    if sweep_id:
+    for sweep_id in sweep_ids:
         q = _quote(sweep_id)
         if q is not None and "`" not in sweep_id:
             tagged = search_all(client, [eid], f"tags.{TAG_SWEEP_ID} = {q}")
@@ -157,6 +159,7 @@ def _members(client, eid: str, sweep_id: Optional[str], parent_id: Optional[str]
             if r.info.run_id not in found and r.info.status == "FINISHED":
                 found[r.info.run_id] = r
                 reused.append(r)
+    reused = [r for r in reused if r.data.tags.get(TAG_SWEEP_ID) not in sweep_ids]  # its own earlier launch: no reuse
     jobs = sorted(_jobs(found.values()), key=lambda r: r.info.start_time or 0)
     return jobs, len(reused)
 
@@ -178,7 +181,7 @@ def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
             raise ReportError(f"parent run {parent_run_id!r} not found in {tracking_uri}") from e
         exp = client.get_experiment(parent.info.experiment_id)
         sweep_id = parent.data.tags.get(TAG_SWEEP_ID)
-        jobs, reused = _members(client, exp.experiment_id, sweep_id, parent_run_id)
+        jobs, reused = _members(client, exp.experiment_id, contract.sweep_ids(parent.data.tags), parent_run_id)
         mode, eid = "parent", exp.experiment_id
     else:
         exp = _experiment(client, experiment)
@@ -198,13 +201,15 @@ def select_runs(tracking_uri: str, experiment: str, sweep: Optional[str] = None,
             q = _quote(sweep)
             if q is not None:
                 parents = _parents(client, eid, f"tags.sweep_id = {q}")
+                parents = parents or _parents(client, eid, f"tags.`{contract.continued_tag(sweep)}` = 'true'")
             else:
-                parents = [r for r in _parents(client, eid) if r.data.tags.get(TAG_SWEEP_ID) == sweep]
+                parents = [r for r in _parents(client, eid) if sweep in contract.sweep_ids(r.data.tags)]
             parent = parents[0] if parents else None
             if len(parents) > 1:
                 notes.append(f"{len(parents)} parent runs carry sweep_id={sweep}; attached to the latest "
                              f"({parent.info.run_id})")
-        jobs, reused = _members(client, eid, sweep_id, parent.info.run_id if parent is not None else None)
+        ids = contract.sweep_ids(parent.data.tags) if parent is not None else [sweep_id] if sweep_id else []
+        jobs, reused = _members(client, eid, ids, parent.info.run_id if parent is not None else None)
         if mode == "sweep" and parent is None:
             if not jobs:
                 recent = _recent_sweeps(client, eid)

@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -117,6 +119,18 @@ def sweep_overrides(config: DictConfig) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def sweep_signature(config: DictConfig) -> str:
+    """What makes two launches "the same sweep": the experiment, the sweeper and its parameters, and the
+    command line's overrides (order-free). Launcher, sweep dir and other ``hydra.*`` settings do not count,
+    so a sweep interrupted under one launcher can be continued under another."""
+    choices = config.hydra.runtime.choices
+    params = config.hydra.sweeper.get("params") or {}
+    payload = {"experiment": str(config.mlflow.experiment), "sweeper": str(choices.get("hydra/sweeper", "")),
+               "params": {str(k): str(v) for k, v in params.items()},
+               "overrides": sorted(str(o) for o in config.hydra.overrides.task)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def check_sweep(config: DictConfig) -> dict[str, list[int]]:
     """The value errors of every job of the sweep (no files opened), as {message: [job numbers]}."""
     loader = GlobalHydra.instance().config_loader()
@@ -155,12 +169,25 @@ class SweepCallback(Callback):
             if uploaded or left:
                 log.info("spool: %d earlier run record(s) uploaded, %d still pending", uploaded, left)
             tracker.close_orphans()  # runs earlier sweeps' dead processes left RUNNING
-            existing = tracker.parent_run(sweep_id)
+            existing = tracker.parent_run(sweep_id)  # the same launch again (a requeued Slurm job)
             if existing is not None:
                 self.parent_run_id = existing.info.run_id
                 return
-            tags = environment_tags() | {
+            signature = sweep_signature(config)
+            this_process = environment_tags()
+            interrupted = tracker.interrupted_sweep(signature) if config.resume else None
+            if interrupted is not None:
+                self.parent_run_id = interrupted.info.run_id
+                tracker.reopen(self.parent_run_id, {contract.continued_tag(sweep_id): "true",
+                                                    contract.TAG_HOST: this_process[contract.TAG_HOST],
+                                                    contract.TAG_PID: this_process[contract.TAG_PID]})
+                log.info("sweep %s continues the interrupted sweep %s (parent run %s, it ended %s): same command; "
+                         "its finished points are reused", sweep_id, interrupted.data.tags.get(contract.TAG_SWEEP_ID),
+                         self.parent_run_id, interrupted.info.status)
+                return
+            tags = this_process | {
                 contract.TAG_SWEEP_ID: sweep_id, contract.TAG_ROLE: contract.ROLE_PARENT,
+                contract.TAG_SIGNATURE: signature,
                 contract.TAG_OVERRIDES: " ".join(contract.redact(o) for o in config.hydra.overrides.task),
                 contract.TAG_SWEEP_DIR: str(Path(str(config.hydra.sweep.dir)).resolve())}
             self.parent_run_id = tracker.start_run(f"sweep-{sweep_id}", tags)
@@ -171,7 +198,7 @@ class SweepCallback(Callback):
             print(f"error: the MLflow store {contract.redact(resolve_tracking(config).uri)} failed at sweep start "
                   f"({type(exc).__name__}: {exc}); no job was run", file=sys.stderr)
             sys.exit(2)
-        log.info("sweep %s: MLflow parent run %s in %s", sweep_id, self.parent_run_id, tracker.uri)
+        log.info("sweep %s: MLflow parent run %s in %s", sweep_id, self.parent_run_id, contract.redact(tracker.uri))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._open = None

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from sweep.assets import file_lock
 from sweep.config.spec import TrackSpec
 from sweep.contract import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ROLE_PARENT, TAG_CONFIG_HASH, TAG_ERROR, TAG_HOST,
-                            TAG_PID, TAG_ROLE, TAG_SWEEP_ID, redact)
+                            TAG_PID, TAG_ROLE, TAG_SIGNATURE, TAG_SWEEP_ID, continued_tag, redact)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,8 +142,25 @@ class Tracker:
         return runs[0] if runs else None
 
     def parent_run(self, sweep_id: str) -> Any | None:
+        """The parent run of launch ``sweep_id``: its own, or the interrupted sweep's that it continues."""
         runs = self.search(f"tags.{TAG_SWEEP_ID} = '{sweep_id}' and tags.`{TAG_ROLE}` = '{ROLE_PARENT}'", 1)
+        runs = runs or self.search(f"tags.`{continued_tag(sweep_id)}` = 'true' and tags.`{TAG_ROLE}` = '{ROLE_PARENT}'", 1)
         return runs[0] if runs else None
+
+    def interrupted_sweep(self, signature: str) -> Any | None:
+        """The most recent parent run of the same sweep command, when it did not finish (KILLED by Ctrl-C or
+        SIGTERM, FAILED: a job failed, the launcher died, or it was orphaned), else None."""
+        runs = self.search(f"tags.`{TAG_SIGNATURE}` = '{signature}' and tags.`{TAG_ROLE}` = '{ROLE_PARENT}'", 1)
+        return runs[0] if runs and runs[0].info.status in ("KILLED", "FAILED") else None
+
+    def reopen(self, run_id: str, tags: dict[str, str]) -> None:
+        """Make an ended run RUNNING again (a sweep continued by a new launch), with new tags and no error tag."""
+        self._call(self.client.update_run, run_id, status="RUNNING")
+        try:
+            self._call(self.client.delete_tag, run_id, TAG_ERROR)
+        except MlflowException:
+            pass  # it had none
+        self.log(run_id, tags=tags)
 
     def claim(self, config_hash_: str, run_id: str) -> Any | None:
         """Who evaluates the point ``config_hash_``: None when it is this RUNNING run ``run_id``, else the
