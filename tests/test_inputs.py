@@ -118,3 +118,53 @@ def test_recovery_on_a_checkpoint_saved_fused(tmp_path, assets, yolov5n_path):
 def test_a_missing_weights_file(tmp_path, assets):
     cfg = make_cfg(tmp_path, "model=custom", f"model.weights={tmp_path / 'nope.pt'}", "data=coco-val128")
     expect_no_run(tmp_path, cfg, AssetError, "nope.pt")
+
+
+# -- unwritable outputs and store ------------------------------------------------------------------
+@pytest.fixture
+def read_only(tmp_path):
+    """A real read-only folder: ``src`` bind-mounted read-only (permission bits do not stop root)."""
+    import subprocess
+
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    ok = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True).returncode == 0
+    ok = ok and subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], capture_output=True).returncode == 0
+    if not ok:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+        pytest.skip("needs a read-only bind mount (mount privileges) to make a folder unwritable for root")
+    try:
+        yield src, ro
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_unwritable_outputs_are_one_message_naming_the_folder(tmp_path, read_only, multirun):
+    from helpers import run_cli
+
+    _, ro = read_only
+    out = ro / "outputs"
+    p = run_cli(out, *(["-m"] if multirun else []), "model=yolov5n", "data=coco-val128", "data.limit=2",
+                "sparsity=0.3")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr + p.stdout and p.stderr.count("error:") == 1
+    assert p.stderr.startswith(f"error: paths.outputs='{out}' is not writable (Read-only file system)")
+
+
+def test_a_read_only_store_is_one_message_naming_it(tmp_path, read_only):
+    """Regression: a store that exists but cannot be written ended in a 217-line SQLAlchemy dump."""
+    import sqlite3
+
+    from helpers import run_cli
+
+    src, ro = read_only
+    sqlite3.connect(src / "mlflow.db").execute("create table t (x)").connection.commit()
+    p = run_cli(tmp_path / "outputs", "-m", "model=yolov5n", "data=coco-val128", "data.limit=2", "sparsity=0.3",
+                f"mlflow.tracking_uri=sqlite:///{ro / 'mlflow.db'}")
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"error: mlflow.tracking_uri='sqlite:///{ro / 'mlflow.db'}': the SQLite store is not "
+                               "writable ("), p.stderr
+    assert "Read-only file system" in p.stderr

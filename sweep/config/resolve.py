@@ -13,6 +13,8 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
+import sqlite3
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
@@ -273,6 +275,45 @@ def resolve_tracking(cfg: DictConfig | Mapping[str, Any]) -> TrackSpec:
 
 
 # ------------------------------------------------------------------------------- the job
+
+
+def check_writable(cfg: DictConfig) -> None:
+    """Refuse, with one message naming the folder or store, outputs the process cannot write: checked by
+    writing (a probe file, an SQLite write transaction rolled back), since permission bits do not stop
+    root and say nothing of read-only file systems."""
+    c = _container(cfg)
+    out = _outputs(c)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"paths.outputs={str(out)!r} is not writable ({exc.strerror or exc}): allowed is a folder "
+                          "this user can create and write; set paths.outputs=DIR") from None
+    if not c["mlflow"]["enabled"]:
+        return
+    uri = resolve_tracking(c).uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            probe = db.parent / f".write-probe-{os.getpid()}"  # the store's lock and journal files live beside it
+            probe.write_bytes(b"")
+            probe.unlink()
+            if db.exists():
+                conn = sqlite3.connect(db, timeout=30)
+                try:  # a real write, rolled back: opening and BEGIN succeed on a read-only file system
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute(f"PRAGMA user_version = {int(version)}")
+                    conn.rollback()
+                finally:
+                    conn.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"mlflow.tracking_uri={contract.redact(uri)!r}: the SQLite store is not writable "
+                              f"({exc}): allowed is a store this user can write; make {db} (and its folder) "
+                              "writable or set mlflow.tracking_uri") from None
 
 
 def semantic_config(c: Mapping[str, Any], weights_sha256: str, device: torch.device, half: bool,

@@ -32,7 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sweep import contract
-from sweep.config.resolve import check_values, resolve_tracking
+from sweep.config.resolve import check_values, check_writable, resolve_tracking
 from sweep.config.schema import ConfigError
 from sweep.contract import Outcome
 from sweep.track.spool import (EXIT_PENDING, RunRecord, RunSink, pending, pending_message, store_key,
@@ -148,8 +148,21 @@ class SweepCallback(Callback):
         self.parent_run_id: str | None = None
         self._open: DictConfig | None = None  # the sweep's config until on_multirun_end ran
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run: Hydra creates its output folder right after this; an unwritable one is one message."""
+        try:
+            check_writable(config)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         problems = check_sweep(config)
+        if not problems:
+            try:
+                check_writable(config)
+            except ConfigError as exc:
+                problems = {str(exc): []}
         if problems:  # before the parent run exists: nothing to clean up, one message per distinct error
             for message, jobs in problems.items():
                 print(f"error: {message}" + (f" (jobs {', '.join(map(str, jobs))})" if len(jobs) > 1 else ""),
