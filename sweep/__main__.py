@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from sweep.config import register_configs
 from sweep.job import task
 from sweep.memo import ProcessMemo
-from sweep.process import setup_process
+from sweep.process import credentials_to_environment, setup_process
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXIT_INPUT = 2
@@ -56,11 +56,13 @@ def check_override_syntax(args: list[str]) -> str | None:
 
 
 def main() -> None:
+    sys.argv[1:] = credentials_to_environment(sys.argv[1:])  # before Hydra reads, writes or logs any override
     problem = check_override_syntax(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_INPUT)
     register_configs()
+    setup_process(reuse_host_memory=None)  # before Hydra logs the first override (the launcher prints them all, tracking URI included)
     memo = ProcessMemo()  # lives for this process: checkpoints and decoded data reused across jobs
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)

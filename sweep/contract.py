@@ -229,7 +229,8 @@ def tracking_uri(configured: str | None = None, outputs: str | os.PathLike = DEF
 
 # ------------------------------------------------------------------------------- secrets
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]*)@")
+# the optional backslashes: Hydra escapes ':' when it prints overrides (http\://user\:password@host)
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*\\?://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]*)@")
 _SECRET_QUERY = re.compile(r"(?P<key>[?&](?:token|access_token|password|secret|key|api_key|sig)=)[^&\s]*",
                            re.IGNORECASE)
 

@@ -60,9 +60,72 @@ def bound_mlflow_http_retries() -> None:
     quarter of an hour. The tracker is the one retry layer, unless the user set these variables."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    # MLflow 3 writes "View run <name> at: <tracking URI>/..." straight to stdout for every run it ends: the
+    # URI unredacted (user:password), one line per job; the sweep logs its own (redacted) store line
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-def setup_process(reuse_host_memory: bool = True) -> None:
-    """Everything process-wide, once, at the entry point (idempotent)."""
-    keep_freed_memory(reuse_host_memory)
+def redact_log_records() -> None:
+    """Every log record of the process — ours, Hydra's (it prints each job's overrides, tracking URI
+    included), MLflow's — has passwords and secret query values masked before any handler sees it. A
+    record factory, not a handler filter: Hydra replaces the handlers for every job. Idempotent."""
+    from sweep.contract import redact
+
+    current = logging.getLogRecordFactory()
+    if getattr(current, "redacts", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = current(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken format string is the logging module's to report
+            return record
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return record
+
+    factory.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+TRACKING_URI_KEY = "mlflow.tracking_uri"
+
+
+def credentials_to_environment(argv: list[str]) -> list[str]:
+    """``argv`` with the user:password of an http(s) ``mlflow.tracking_uri=`` override (and of
+    $MLFLOW_TRACKING_URI) moved into $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD, which MLflow
+    sends as the same basic-auth header. Hydra then never sees the password, so it is in none of the
+    files Hydra writes (``.hydra/*.yaml``, ``multirun.yaml``) or the overrides it logs. Other schemes
+    (database URIs) keep theirs: every value the tool itself writes or logs is redacted anyway."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == TRACKING_URI_KEY:
+            arg = f"{key}={_strip_credentials(value)}"
+        out.append(arg)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = _strip_credentials(os.environ["MLFLOW_TRACKING_URI"])
+    return out
+
+
+def _strip_credentials(uri: str) -> str:
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.password is None or "," in uri:  # "," : a sweep over URIs
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=host))
+
+
+def setup_process(reuse_host_memory: bool | None = True) -> None:
+    """Everything process-wide, once, at the entry point (idempotent). ``reuse_host_memory=None`` leaves the
+    allocator alone (the entry point calls this before the config, which decides it, is composed)."""
+    if reuse_host_memory is not None:
+        keep_freed_memory(reuse_host_memory)
     bound_mlflow_http_retries()
+    redact_log_records()

@@ -326,3 +326,26 @@ def test_rerunning_an_interrupted_sweep_continues_it_under_the_same_parent_run(t
     # a different command is a different sweep
     p = run_cli(out, *args[:-1], "sparsity=0.3", sweep_dir=tmp_path / "s3")
     assert p.returncode == 0 and len([r for r in runs(out) if r.data.tags.get("sweep.role") == "parent"]) == 2
+
+
+def test_credentials_in_the_tracking_uri_never_reach_runs_files_or_the_console(tmp_path, assets, mlflow_server):
+    """Regression: user:password in mlflow.tracking_uri appeared in the run's params, its overrides tag,
+    config.yaml, results.csv and console lines. The server (no auth) ignores the credentials."""
+    secret = "s3cr3t-Pa55"
+    uri = mlflow_server.uri.replace("http://", f"http://alice:{secret}@")
+    out = tmp_path / "outputs"
+    p = run_cli(out, "-m", *TINY[:-1], "report=true", "sparsity=0.3", f"mlflow.tracking_uri={uri}",
+                sweep_dir=tmp_path / "s")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert secret not in p.stdout + p.stderr
+    client = mlflow_server.client()
+    found = _server_runs(mlflow_server)
+    assert len(found) == 2  # the parent and the job
+    for run in found:
+        assert secret not in json.dumps({**run.data.params, **run.data.tags})
+        for art in client.list_artifacts(run.info.run_id):
+            if not art.is_dir:
+                local = client.download_artifacts(run.info.run_id, art.path, str(tmp_path / "dl"))
+                assert secret not in Path(local).read_bytes().decode(errors="replace"), art.path
+    written = [f for f in [*out.rglob("*"), *(tmp_path / "s").rglob("*")] if f.is_file() and f.suffix != ".npy"]
+    assert written and not [f for f in written if secret.encode() in f.read_bytes()]

@@ -75,3 +75,22 @@ def test_the_experiment_opens_on_its_runs_table_in_mlflow_3(tmp_path):
     old = MlflowClient(uri).create_experiment("older")
     Tracker(uri, "older")
     assert MlflowClient(uri).get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_credentials_in_an_http_tracking_uri_move_to_mlflows_basic_auth_variables(monkeypatch):
+    from sweep.process import credentials_to_environment
+
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["-m", "model=yolov5n", "mlflow.tracking_uri=https://alice:p%40ss@mlflow.example:5000/x", "sparsity=0.3"]
+    assert credentials_to_environment(argv) == ["-m", "model=yolov5n", "mlflow.tracking_uri=https://mlflow.example:5000/x",
+                                                "sparsity=0.3"]
+    import os
+
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "p@ss")
+    # a database URI needs its password in the URI: kept (the tool redacts it wherever it writes or logs it)
+    db = ["mlflow.tracking_uri=postgresql://bob:pw@db/mlflow"]
+    assert credentials_to_environment(db) == db
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://carol:pw2@host:5000")
+    credentials_to_environment([])
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://host:5000" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "pw2"
