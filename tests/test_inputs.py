@@ -121,23 +121,57 @@ def test_a_missing_weights_file(tmp_path, assets):
 
 
 # -- unwritable outputs and store ------------------------------------------------------------------
-@pytest.fixture
-def read_only(tmp_path):
-    """A real read-only folder: ``src`` bind-mounted read-only (permission bits do not stop root)."""
+def _bind_read_only(src: Path, ro: Path):
+    """``src`` visible read-only at ``ro`` (a bind mount: permission bits do not stop root); skips without
+    mount privileges."""
+    import contextlib
     import subprocess
 
-    src, ro = tmp_path / "src", tmp_path / "ro"
+    @contextlib.contextmanager
+    def mounted():
+        ro.mkdir(parents=True, exist_ok=True)
+        ok = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True).returncode == 0
+        ok = ok and subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], capture_output=True).returncode == 0
+        if not ok:
+            subprocess.run(["umount", str(ro)], capture_output=True)
+            pytest.skip("needs a read-only bind mount (mount privileges) to make a folder unwritable for root")
+        try:
+            yield ro
+        finally:
+            subprocess.run(["umount", str(ro)], capture_output=True)
+
+    return mounted()
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A real read-only folder ``ro`` showing the writable folder ``src``."""
+    src = tmp_path / "src"
     src.mkdir()
-    ro.mkdir()
-    ok = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True).returncode == 0
-    ok = ok and subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], capture_output=True).returncode == 0
-    if not ok:
-        subprocess.run(["umount", str(ro)], capture_output=True)
-        pytest.skip("needs a read-only bind mount (mount privileges) to make a folder unwritable for root")
-    try:
+    with _bind_read_only(src, tmp_path / "ro") as ro:
         yield src, ro
-    finally:
-        subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_a_job_never_writes_into_the_assets_folder(tmp_path, assets):
+    """The newcomer's finding: preprocessed batches and a lock file were written into $SWEEP_CACHE (the
+    read-only inputs). A job with recovery (calibration images) and the batch cache on, against the real
+    assets mounted read-only, must run and leave them untouched."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import FAST, REPO
+
+    before = sorted((str(p.relative_to(assets)), p.stat().st_mtime_ns) for p in assets.rglob("*"))
+    with _bind_read_only(assets, tmp_path / "assets-ro") as ro:
+        env = os.environ | {"SWEEP_CACHE": str(ro), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+        p = subprocess.run([sys.executable, "-m", "sweep", "model=yolov5n", "data=coco-val128", "data.limit=8",
+                            "eval.imgsz=320", "prune.fused=false", "recover=bn", "recover.images=8", "sparsity=0.3",
+                            f"paths.outputs={tmp_path / 'outputs'}", *FAST],  # paths.preprocessed: its default
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted((str(p.relative_to(assets)), p.stat().st_mtime_ns) for p in assets.rglob("*")) == before
+    assert list((tmp_path / "xdg").rglob("*.npy")), "the decoded batches go to the per-user cache"
 
 
 @pytest.mark.parametrize("multirun", [False, True])
