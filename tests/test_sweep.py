@@ -194,3 +194,21 @@ def test_a_config_error_in_any_job_stops_the_sweep_before_its_parent_run(tmp_pat
     p2 = run_cli(out, "-m", "model=yolov5n", "data=coco-val128", "sparsity=0,0.5,1.0", sweep_dir=tmp_path / "s")
     assert p2.returncode == 2 and p2.stderr.count("error: sparsity=1.0 is out of range") == 1
     assert not (out / "mlflow.db").exists()
+
+
+def test_an_offline_sweep_names_its_missing_inputs_once_before_any_run(tmp_path):
+    """Regression: every job of an offline multirun failed with the same download error (each ~450
+    characters), after the parent run was created. Now the inputs are checked once per distinct model
+    and dataset at sweep start: one message listing every missing file, exit 2, no run, no job folder."""
+    empty = tmp_path / "cache"
+    empty.mkdir()
+    out = tmp_path / "outputs"
+    p = run_cli(out, "-m", "model=yolov5s,yolov5m", "data=coco-val128", "sparsity=0,0.3", "report=false",
+                sweep_dir=tmp_path / "s", env={"SWEEP_CACHE": str(empty)})
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, errors  # one per model, each naming the weights file and the dataset
+    for model, jobs in (("yolov5s", "(jobs 0, 1)"), ("yolov5m", "(jobs 2, 3)")):
+        [line] = [e for e in errors if f"{model}.pt" in e]
+        assert "Without network access" in line and "coco-val128" in line and line.endswith(jobs)
+    assert not (out / "mlflow.db").exists() and not (tmp_path / "s").exists()

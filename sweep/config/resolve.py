@@ -364,17 +364,30 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _inputs(c: Mapping[str, Any], cache: Path, memo: Any) -> tuple[ModelSpec, DataSpec]:
     """The weights and the dataset, both tried: when files are missing (offline), one message lists every one."""
     found: list[Any] = []
-    missing: list[str] = []
+    missing: list[Exception] = []
     for find in (lambda: _model(c, cache, memo), lambda: resolve_data(c, cache)):
         try:
             found.append(find())
-        except assets.AssetError as e:
-            missing.append(str(e))
+        except (assets.AssetError, ConfigError, DataError) as e:  # both tried: the user fixes both at once
+            missing.append(e)
     if len(missing) > 1:
         raise assets.AssetError("missing input files: " + " | ".join(f"({i}) {m}" for i, m in enumerate(missing, 1)))
     if missing:
-        raise assets.AssetError(missing[0])
+        raise missing[0]
     return found[0], found[1]
+
+
+def check_inputs(cfg: DictConfig, memo: Any) -> None:
+    """The input files of a job exist (or are downloaded now): its weights and dataset, every missing one
+    named in one message. A sweep runs this once per distinct (model, data, cache) before its parent run."""
+    c = _container(cfg)
+    _inputs(c, assets.cache_root(c["paths"]["cache"]), memo)
+
+
+def inputs_key(cfg: DictConfig) -> str:
+    """What :func:`check_inputs` depends on: jobs with the same key share one check."""
+    c = _container(cfg)
+    return json.dumps([c["model"], c["data"], c["paths"]["cache"]], sort_keys=True, default=str)
 
 
 def check_values(cfg: DictConfig) -> None:

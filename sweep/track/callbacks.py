@@ -32,9 +32,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sweep import contract
-from sweep.config.resolve import check_values, check_writable, resolve_tracking
+from sweep.config.resolve import check_inputs, check_values, check_writable, inputs_key, resolve_tracking
 from sweep.config.schema import ConfigError
 from sweep.contract import Outcome
+from sweep.job import USER_ERRORS
+from sweep.memo import ProcessMemo
 from sweep.track.spool import (EXIT_PENDING, RunRecord, RunSink, pending, pending_message, store_key,
                                upload_pending)
 from sweep.track.tracker import Tracker, TrackingError, environment_tags
@@ -132,12 +134,26 @@ def sweep_signature(config: DictConfig) -> str:
 
 
 def check_sweep(config: DictConfig) -> dict[str, list[int]]:
-    """The value errors of every job of the sweep (no files opened), as {message: [job numbers]}."""
+    """The input errors of every job of the sweep, as {message: [job numbers]}: each job's values, then the
+    input files (weights, dataset: downloaded now if missing) once per distinct model and dataset, so an
+    offline sweep says what is missing once, before its parent run, instead of failing every job."""
     loader = GlobalHydra.instance().config_loader()
     problems: dict[str, list[int]] = {}
+    inputs: dict[str, str] = {}  # inputs key -> "" (fine) or the error
+    memo = ProcessMemo()
     for num, overrides in enumerate(sweep_overrides(config)):
         try:
-            check_values(loader.load_sweep_config(config, overrides))
+            job = loader.load_sweep_config(config, overrides)
+            check_values(job)
+            key = inputs_key(job)
+            if key not in inputs:
+                try:
+                    check_inputs(job, memo)
+                    inputs[key] = ""
+                except USER_ERRORS as exc:
+                    inputs[key] = str(exc)
+            if inputs[key]:
+                raise ConfigError(inputs[key])
         except ConfigError as exc:
             problems.setdefault(str(exc), []).append(num)
     return problems
