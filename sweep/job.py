@@ -214,6 +214,9 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
     device = torch.device(spec.eval.device)
     ev = spec.eval
     sw = Stopwatch(device)
+    # status lines for the phases without a progress bar (a newcomer saw tens of silent seconds)
+    log.info("%s: loading the model, %s %s, on %s", spec.run_name, spec.prune.method,
+             "(fused first)" if spec.prune.fused else "(unfused)", device)
     with sw.stage("load_model"):
         ckpt = memo.checkpoint(spec.model.weights, spec.model.sha256)
         model = load_model(ckpt)
@@ -240,11 +243,14 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
             if ev.save_json:
                 (out / "predictions.json").write_text(evaluator.predictions_json())
                 files.append(out / "predictions.json")
+            log.info("COCO evaluation of %d detections (%s)...", loop.detections, ev.backend)
             with sw.stage("coco_eval"):
                 coco = evaluator.evaluate()
             del evaluator
         lat: dict[str, float] = {}
         if ev.latency and "torch" in ev.runtimes:
+            log.info("timing latency: batch 1 and %d, %d iterations each%s...", ev.batch, ev.latency_iters,
+                     ", the dense model alternately" if spec.sparsity else "")
             with sw.stage("latency"):
                 dense = memo.dense_model(spec.model.sha256, ckpt.model, device, ev.half) if spec.sparsity else None
                 lat = latency(model, ev, device, dense)
