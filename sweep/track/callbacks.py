@@ -30,7 +30,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sweep import contract
-from sweep.config.resolve import check_values, resolve_tracking
+from sweep.budget import answer as budget_answer
+from sweep.budget.plan import combinations, preflight_overrides
+from sweep.budget.search import BudgetSearch
+from sweep.config.resolve import check_values, resolve_budget, resolve_tracking
 from sweep.config.schema import ConfigError
 from sweep.contract import Outcome
 from sweep.track.tracker import Tracker, TrackingError, environment_tags
@@ -99,6 +102,16 @@ def _summarize(sweep_dir: Path) -> list[Outcome]:
     return outcomes
 
 
+def _budget_answer(sweep_dir: Path) -> tuple[dict[str, float], dict[str, str]] | None:
+    """A budget search's answer: print its table (after the jobs' table); its parent-run metrics and tags."""
+    found = budget_answer.read(sweep_dir)
+    if found is None:
+        return None
+    settings, rounds, rows = found
+    print(budget_answer.table(settings, rounds, rows), flush=True)
+    return budget_answer.parent_run_record(settings, rows)
+
+
 def sweep_overrides(config: DictConfig) -> list[list[str]]:
     """Every job's overrides, as Hydra's basic sweeper expands them (``hydra.sweeper.params``, then the command
     line; comma lists and ranges become the grid), in job order."""
@@ -108,8 +121,45 @@ def sweep_overrides(config: DictConfig) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def is_budget_search(config: DictConfig) -> bool:
+    """Whether the sweep runs the budget sweeper (``hydra/sweeper=budget``) instead of a grid."""
+    return config.hydra.sweeper.get("_target_") == contract.BUDGET_SWEEPER
+
+
+def check_budget(config: DictConfig) -> dict[str, list[int]]:
+    """The budget search's input errors as {message: [combination numbers]}: the ``budget`` values, sparsity
+    given (it is searched), and every combination at sparsity 0 and at the highest searched point, and
+    every dense reference (sparsity 0 without recovery), checked as jobs are."""
+    try:
+        spec = resolve_budget(config)
+        combos = combinations(config.hydra.sweeper.get("params"), list(config.hydra.overrides.task))
+    except ConfigError as exc:
+        return {str(exc): []}
+    search = BudgetSearch(spec.keep, spec.tol, spec.hi)
+    loader = GlobalHydra.instance().config_loader()
+    problems: dict[str, list[int]] = {}
+    for combo, dense, overrides in preflight_overrides(combos, search.sparsity(search.top)):
+        try:
+            cfg = loader.load_sweep_config(config, overrides)
+            check_values(cfg)
+            if dense and cfg.recover.method != "none":
+                raise ConfigError(f"recover.method={cfg.recover.method!r} is set by the config even with recover=none")
+        except ConfigError as exc:
+            message = str(exc)
+            if dense and message not in problems:  # an error only the dense reference has
+                message = (f"budget search: no dense point possible for combination {combo} "
+                           f"({' '.join(overrides)}): {message}; allowed is a search whose dense reference "
+                           "(sparsity 0, recover=none) is a valid job")
+            if combo not in problems.setdefault(message, []):
+                problems[message].append(combo)
+    return problems
+
+
 def check_sweep(config: DictConfig) -> dict[str, list[int]]:
-    """The value errors of every job of the sweep (no files opened), as {message: [job numbers]}."""
+    """The value errors of every job of the sweep (no files opened), as {message: [job numbers]} (a budget
+    search: {message: [combination numbers]}, see :func:`check_budget`)."""
+    if is_budget_search(config):
+        return check_budget(config)
     loader = GlobalHydra.instance().config_loader()
     problems: dict[str, list[int]] = {}
     for num, overrides in enumerate(sweep_overrides(config)):
@@ -128,8 +178,9 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         problems = check_sweep(config)
         if problems:  # before the parent run exists: nothing to clean up, one message per distinct error
+            what = "combinations" if is_budget_search(config) else "jobs"
             for message, jobs in problems.items():
-                print(f"error: {message}" + (f" (jobs {', '.join(map(str, jobs))})" if len(jobs) > 1 else ""),
+                print(f"error: {message}" + (f" ({what} {', '.join(map(str, jobs))})" if len(jobs) > 1 else ""),
                       file=sys.stderr)
             sys.exit(2)
         self._start(config)
@@ -167,12 +218,18 @@ class SweepCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_id = sweep_dir.name
         outcomes = _summarize(sweep_dir)
+        budget = _budget_answer(sweep_dir)
         failed = sum(o.status == "failed" for o in outcomes)
         if config.mlflow.enabled and self.parent_run_id:
             try:
                 tracker = _tracker(config)
                 tracker.log(self.parent_run_id, tags=_counts(outcomes))
                 tracker.log_artifacts(self.parent_run_id, [sweep_dir / "summary.txt"])
+                if budget is not None:
+                    metrics, tags = budget
+                    tracker.log(self.parent_run_id, metrics=metrics, tags=tags)
+                    tracker.log_artifacts(self.parent_run_id, [sweep_dir / contract.BUDGET_JSON,
+                                                               sweep_dir / contract.BUDGET_CSV])
                 if failed:  # the runs table must not show a sweep with failed jobs as a success
                     tracker.fail(self.parent_run_id, f"{failed} of {len(outcomes)} job(s) failed")
                 else:
