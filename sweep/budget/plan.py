@@ -55,7 +55,8 @@ def combinations(params: Mapping[str, Any] | None, arguments: Sequence[str],
     parsed = parser.parse_overrides([f"{k}={v}" for k, v in (params or {}).items()] + list(arguments))
     for o in parsed:
         if o.key_or_group == SEARCHED:
-            raise ConfigError(f"sparsity={o.get_value_element_as_str()} is given, but the budget sweeper searches the "
+            given = (o.input_line or "").split("=", 1)[-1]
+            raise ConfigError(f"sparsity={given} is given, but the budget sweeper searches the "
                               "sparsity: allowed is no sparsity override with hydra/sweeper=budget (set the range "
                               "with budget.hi and budget.tol)")
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
