@@ -88,9 +88,9 @@ def run_search(sweeper: Any, arguments: list[str]) -> list[Sequence[JobReturn]]:
         batch = [overrides(p) for p in probes]
         sweeper.validate_batch_is_legal(batch)
         first = sum(len(r) for r in returns)
-        log.info("budget round %d: jobs %d-%d: %s", len(returns) + 1, first, first + len(batch) - 1,
-                 ", ".join(f"combination {groups[p.key][0]} dense" if p.dense else f"combination {p.key} s={p.sparsity:g}"
-                           for p in probes))
+        what = [f"combination {groups[p.key][0]} dense" if p.dense else f"combination {p.key} s={p.sparsity:g}"
+                for p in probes]
+        log.info("budget round %d: jobs %d-%d: %s", len(returns) + 1, first, first + len(batch) - 1, ", ".join(what))
         results = sweeper.launcher.launch(batch, initial_job_idx=first)
         returns.append(results)
         return [point_result(r, spec.metric) for r in results]
