@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from helpers import CONF, run_cli, runs
+from helpers import CONF, make_cfg, run_cli, runs, store_uri
 
 from sweep import contract
 from sweep.budget.plan import combinations, dense_groups
@@ -157,6 +157,20 @@ def test_a_good_search_passes_the_checks(tmp_path):
     assert check(tmp_path, "model=yolov5n", "prune=global_l1", "budget.metric=mAP50", "budget.tol=0.05") == {}
 
 
+def test_the_budget_node_changes_no_job_hash_or_params(tmp_path, assets):
+    """A point evaluated by a grid sweep and by a budget search is the same run (resume shares it)."""
+    from sweep.config.resolve import resolve_job
+    from sweep.memo import ProcessMemo
+
+    memo = ProcessMemo()
+    point = ("model=yolov5n", "data=coco-val128", "data.limit=8", "sparsity=0.3")
+    grid = resolve_job(make_cfg(tmp_path, *point), memo)
+    searched = resolve_job(make_cfg(tmp_path, *point, "budget.keep=0.5", "budget.tol=0.05", "budget.metric=mAP50"),
+                           memo)
+    assert searched.config_hash == grid.config_hash and searched.params == grid.params
+    assert not any(k.startswith("budget") for k in grid.params)
+
+
 # -- the real CLI ------------------------------------------------------------------------------------------------
 TINY = ("model=yolov5n", "data=coco-val128", "data.limit=8", "eval.imgsz=320")
 
@@ -207,8 +221,6 @@ def test_budget_search_end_to_end_answers_logs_and_resumes(tmp_path, assets):
     assert (combo["max_sparsity"], combo["bracket_hi"], combo["points"], combo["status"]) == (0.25, 0.5, 3, "found")
     assert math.isclose(combo["retention"], m["0.25"] / m["0.0"])
     from mlflow.tracking import MlflowClient
-
-    from helpers import store_uri
 
     client = MlflowClient(store_uri(out))
     assert {"budget.json", "budget.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
