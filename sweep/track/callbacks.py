@@ -218,7 +218,7 @@ class SweepCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_id = sweep_dir.name
         outcomes = _summarize(sweep_dir)
-        budget = _budget_answer(sweep_dir)
+        budget = _budget_answer(sweep_dir) if is_budget_search(config) else None  # not a reused dir's old one
         failed = sum(o.status == "failed" for o in outcomes)
         if config.mlflow.enabled and self.parent_run_id:
             try:
