@@ -82,6 +82,7 @@ def test_a_failed_dense_point_gives_no_answer_and_stops_the_search():
     for s in searches.values():
         a = s.answer()
         assert (a.status, a.sparsity, a.bracket) == (DENSE_FAILED, None, None) and "weights broken" in a.reason
+        assert a.points == 2  # the reference and round 1's point, evaluated alongside it
     zero = BudgetSearch(0.95, 0.01, 0.99)
     zero.set_dense(0.0)
     assert zero.answer().status == DENSE_FAILED and zero.propose(1) == []
@@ -99,7 +100,7 @@ def test_nothing_failing_up_to_hi_and_nothing_passing_are_said_so():
 def test_a_point_that_fails_to_evaluate_stops_its_search_with_the_bracket_so_far():
     answers, _, _ = search(lambda s: None if s < 0.3 else 0.1, n=1)
     a = answers["a"]
-    assert a.status == "error" and "failed: broke" in a.reason and a.bracket == (0.0, 0.5)
+    assert a.status == "error" and "failed: broke" in a.reason and a.bracket == (0.0, 0.5) and a.points == 3
 
 
 def test_combinations_share_a_dense_reference_unless_another_axis_differs():

@@ -53,7 +53,8 @@ class BudgetSearch:
     dense: float | None = None
     dense_error: str = ""
     values: dict[int, float] = field(default_factory=dict)   # lattice index -> metric
-    error: str = ""                                          # a pruned point failed to evaluate
+    failed: set[int] = field(default_factory=set)            # lattice indices whose evaluation failed
+    error: str = ""                                          # the first such failure
 
     @property
     def top(self) -> int:
@@ -75,6 +76,7 @@ class BudgetSearch:
 
     def record(self, sparsity: float, value: float | None, reason: str = "") -> None:
         if value is None or not math.isfinite(value):
+            self.failed.add(self.index(sparsity))
             self.error = self.error or f"the point at sparsity {sparsity:g} failed: {reason or 'no metric'}"
         else:
             self.values[self.index(sparsity)] = float(value)
@@ -113,7 +115,7 @@ class BudgetSearch:
         return [self.sparsity(i) for i in idx if i not in self.values]
 
     def answer(self) -> Answer:
-        points = len(self.values) + (1 if self.dense is not None or self.dense_error else 0)
+        points = len(self.values) + len(self.failed) + (1 if self.dense is not None or self.dense_error else 0)
         if self.dense_error:
             return Answer(DENSE_FAILED, None, None, None, None, points, reason=self.dense_error)
         if self.dense is None:
