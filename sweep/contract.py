@@ -86,8 +86,10 @@ def metric_order(names: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
 # Fine-tuning's per-step series (``finetune``'s step record key -> metric name), logged as MLflow step metrics.
 TRAIN_CURVES = {"loss": "train_loss", "box": "train_box", "obj": "train_obj", "cls": "train_cls", "lr1": "train_lr"}
 
-# Keys of outcome.json's metrics (the end-of-sweep table).
+# Keys of outcome.json's metrics: the end-of-sweep table's, and every COCO number (what a budget search may
+# judge a point by, also when the point was skipped by resume and its numbers come from the store).
 SUMMARY_METRICS = ("mAP50-95", "mAP50", "AR100", "sparsity", "ms_inference")
+OUTCOME_METRICS = tuple(dict.fromkeys(SUMMARY_METRICS + COCO_METRICS))
 
 # ------------------------------------------------------------------------------- tags
 
@@ -190,7 +192,7 @@ class Outcome:
         output_dir.mkdir(parents=True, exist_ok=True)
         data = asdict(self)
         data.pop("job")
-        data["metrics"] = {k: v for k, v in self.metrics.items() if k in SUMMARY_METRICS}
+        data["metrics"] = {k: v for k, v in self.metrics.items() if k in OUTCOME_METRICS}
         path = output_dir / OUTCOME_FILE
         path.write_text(json.dumps(data, indent=2))
         return path
@@ -203,6 +205,35 @@ class Outcome:
             raise ValueError(f"{output_dir / OUTCOME_FILE} is not an outcome record")
         return cls(d["status"], d["name"], d.get("run_id"), str(d.get("reason") or ""),
                    dict(d.get("metrics") or {}), output_dir.name, bool(d.get("pending", False)))
+
+
+# ------------------------------------------------------------------------------- budget search
+
+# The budget sweeper (``hydra/sweeper=budget``): the sweep callback recognises it by this target.
+BUDGET_SWEEPER = "hydra_plugins.budget_sweeper.budget_sweeper.BudgetSweeper"
+BUDGET_METRICS = COCO_METRICS      # allowed values of budget.metric
+BUDGET_JSON = "budget.json"        # the answer, in the sweep dir and on the parent run
+BUDGET_CSV = "budget.csv"
+BUDGET_TAG_PREFIX = "budget."      # parent-run tags: budget.keep, budget.metric, budget.tol, budget.hi
+# Per combination on the parent run (label: the run name without its sparsity, e.g. yolov5n-global_l1):
+# metrics budget.max_sparsity/<label>, budget.retention/<label>, budget.value/<label> (the metric at
+# max sparsity), budget.points/<label>; tags budget.status/<label>, budget.bracket/<label>.
+BUDGET_MAX_SPARSITY = "budget.max_sparsity"
+BUDGET_RETENTION = "budget.retention"
+BUDGET_VALUE = "budget.value"
+BUDGET_POINTS = "budget.points"
+BUDGET_STATUS = "budget.status"
+BUDGET_BRACKET = "budget.bracket"
+
+
+def budget_key(what: str, label: str) -> str:
+    """A per-combination parent-run key, e.g. ``budget.max_sparsity/yolov5n-global_l1``."""
+    return f"{what}/{label}"
+
+
+def budget_label(model: str, method: str, fused: bool, recover: str) -> str:
+    """A combination's label: its run name without the sparsity (``yolov5n-l1_unstructured-unfused-bn``)."""
+    return run_name(model, method, fused, recover, 0.0).rsplit("-s", 1)[0]
 
 
 # ------------------------------------------------------------------------------- tracking defaults

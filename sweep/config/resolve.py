@@ -26,7 +26,7 @@ from omegaconf.errors import MissingMandatoryValue
 from sweep import assets, contract
 from sweep.config.hyp import HYP_SCRATCH_LOW
 from sweep.config.schema import ConfigError
-from sweep.config.spec import (DataSpec, EvalSpec, JobSpec, ModelSpec, PruneSpec, RecoverSpec, Source,
+from sweep.config.spec import (BudgetSpec, DataSpec, EvalSpec, JobSpec, ModelSpec, PruneSpec, RecoverSpec, Source,
                                TrackSpec)
 from sweep.data import DataError, load_data_yaml
 from sweep.evaluate.coco import EVALUATORS
@@ -274,6 +274,29 @@ def resolve_tracking(cfg: DictConfig | Mapping[str, Any]) -> TrackSpec:
                      outputs.resolve() / contract.SPOOL_DIR)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def resolve_budget(cfg: DictConfig | Mapping[str, Any]) -> BudgetSpec:
+    """``budget.*`` checked: ``keep`` in (0, 1], ``metric`` a COCO number, ``hi`` a sparsity in (0, 1),
+    ``tol`` in (0, ``hi``) (else there is no point to search), ``points`` null or >= 1."""
+    c = cfg if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig) else _container(cfg)  # type: ignore[arg-type]
+    b = c["budget"]
+    _check(_number(b["keep"]) and 0.0 < b["keep"] <= 1.0, "budget.keep", b["keep"],
+           "a fraction of the dense metric in (0, 1], e.g. 0.95")
+    if b["metric"] not in contract.BUDGET_METRICS:
+        raise ConfigError(f"budget.metric={b['metric']!r} is unknown: allowed are {', '.join(contract.BUDGET_METRICS)}")
+    _check(_number(b["hi"]) and 0.0 < round(b["hi"], 6) < 1.0, "budget.hi", b["hi"],
+           "the highest sparsity to search, in (0, 1), e.g. 0.99")
+    _check(_number(b["tol"]) and 0.0 < b["tol"] < b["hi"], "budget.tol", b["tol"],
+           f"a step in (0, budget.hi={b['hi']}), e.g. 0.01 (the search's resolution)")
+    if b["points"] is not None:
+        _check(isinstance(b["points"], int) and b["points"] >= 1, "budget.points", b["points"],
+               "an integer >= 1 (points per round and bracket) or null (the launcher's parallel jobs)")
+    return BudgetSpec(float(b["keep"]), str(b["metric"]), float(b["tol"]), round(float(b["hi"]), 6), b["points"])
+
+
 # ------------------------------------------------------------------------------- the job
 
 
@@ -404,6 +427,7 @@ def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
     """The whole pre-flight of one job. ``memo`` (:class:`sweep.memo.ProcessMemo`) keeps what it opens
     (checkpoint, dataset scan, calibration images) for the job and for later jobs of the process."""
     c = _container(cfg)
+    c.pop("budget", None)  # the budget sweeper's settings, no job's: not in its params or config.yaml
     _check_values(c)
     sparsity = normalize_sparsity(c["sparsity"])
     _outputs(c)  # a file where the outputs folder should be is refused before any work

@@ -158,6 +158,22 @@ class PathsConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """The budget search (``hydra/sweeper=budget``): per combination of the other axes, the highest sparsity
+    whose ``metric`` is at least ``keep`` x the dense model's. The search runs over the multiples of ``tol``
+    in [0, ``hi``] (so its points are a grid sweep's points, and resume shares them). ``points``: points per
+    round and open bracket (null: the launcher's parallel jobs, 1 for the sequential launcher: bisection).
+    Read only by the sweeper: no job's config hash or params include it.
+    """
+
+    keep: float = 0.95
+    metric: str = "mAP50-95"
+    tol: float = 0.01
+    hi: float = 0.99
+    points: Optional[int] = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -166,6 +182,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     sparsity: Any = 0.0
     resume: bool = True
     report: bool = True

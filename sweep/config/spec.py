@@ -102,6 +102,19 @@ class TrackSpec:
 
 
 @dataclass(frozen=True)
+class BudgetSpec:
+    """The budget search's settings (``budget.*``, checked): judge points by ``metric`` >= ``keep`` x dense,
+    search the multiples of ``tol`` in [0, ``hi``], ``points`` per round and open bracket (None: from the
+    launcher)."""
+
+    keep: float
+    metric: str
+    tol: float
+    hi: float
+    points: int | None = None
+
+
+@dataclass(frozen=True)
 class JobSpec:
     model: ModelSpec
     data: DataSpec

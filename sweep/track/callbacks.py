@@ -32,7 +32,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sweep import contract
-from sweep.config.resolve import check_inputs, check_values, check_writable, inputs_key, resolve_tracking
+from sweep.budget import answer as budget_answer
+from sweep.budget.plan import combinations, preflight_overrides
+from sweep.budget.search import BudgetSearch
+from sweep.config.resolve import (check_inputs, check_values, check_writable, inputs_key, resolve_budget,
+                                  resolve_tracking)
 from sweep.config.schema import ConfigError
 from sweep.contract import Outcome
 from sweep.job import USER_ERRORS
@@ -112,6 +116,16 @@ def _summarize(sweep_dir: Path) -> list[Outcome]:
     return outcomes
 
 
+def _budget_answer(sweep_dir: Path) -> tuple[dict[str, float], dict[str, str]] | None:
+    """A budget search's answer: print its table (after the jobs' table); its parent-run metrics and tags."""
+    found = budget_answer.read(sweep_dir)
+    if found is None:
+        return None
+    settings, rounds, rows = found
+    print(budget_answer.table(settings, rounds, rows), flush=True)
+    return budget_answer.parent_run_record(settings, rows)
+
+
 def sweep_overrides(config: DictConfig) -> list[list[str]]:
     """Every job's overrides, as Hydra's basic sweeper expands them (``hydra.sweeper.params``, then the command
     line; comma lists and ranges become the grid), in job order."""
@@ -133,30 +147,79 @@ def sweep_signature(config: DictConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_sweep(config: DictConfig) -> dict[str, list[int]]:
-    """The input errors of every job of the sweep, as {message: [job numbers]}: each job's values, then the
-    input files (weights, dataset: downloaded now if missing) once per distinct model and dataset, so an
-    offline sweep says what is missing once, before its parent run, instead of failing every job."""
+def is_budget_search(config: DictConfig) -> bool:
+    """Whether the sweep runs the budget sweeper (``hydra/sweeper=budget``) instead of a grid."""
+    return config.hydra.sweeper.get("_target_") == contract.BUDGET_SWEEPER
+
+
+def check_budget(config: DictConfig) -> dict[str, list[int]]:
+    """The budget search's input errors as {message: [combination numbers]}: the ``budget`` values, sparsity
+    given (it is searched), and every combination at sparsity 0 and at the highest searched point, and
+    every dense reference (sparsity 0 without recovery), checked as jobs are."""
+    try:
+        spec = resolve_budget(config)
+        combos = combinations(config.hydra.sweeper.get("params"), list(config.hydra.overrides.task))
+    except ConfigError as exc:
+        return {str(exc): []}
+    search = BudgetSearch(spec.keep, spec.tol, spec.hi)
     loader = GlobalHydra.instance().config_loader()
     problems: dict[str, list[int]] = {}
-    inputs: dict[str, str] = {}  # inputs key -> "" (fine) or the error
-    memo = ProcessMemo()
+    inputs = _InputFiles()
+    for combo, dense, overrides in preflight_overrides(combos, search.sparsity(search.top)):
+        try:
+            cfg = loader.load_sweep_config(config, overrides)
+            check_values(cfg)
+            inputs.check(cfg)
+            if dense and cfg.recover.method != "none":
+                raise ConfigError(f"recover.method={cfg.recover.method!r} is set by the config even with recover=none")
+        except ConfigError as exc:
+            message = str(exc)
+            if dense and message not in problems:  # an error only the dense reference has
+                message = (f"budget search: no dense point possible for combination {combo} "
+                           f"({' '.join(overrides)}): {message}; allowed is a search whose dense reference "
+                           "(sparsity 0, recover=none) is a valid job")
+            if combo not in problems.setdefault(message, []):
+                problems[message].append(combo)
+    return problems
+
+
+def check_sweep(config: DictConfig) -> dict[str, list[int]]:
+    """The input errors of every job of the sweep, as {message: [job numbers]} (a budget search: {message:
+    [combination numbers]}, see :func:`check_budget`): each job's values, then the input files (weights,
+    dataset: downloaded now if missing) once per distinct model and dataset, so an offline sweep says what is
+    missing once, before its parent run, instead of failing every job."""
+    if is_budget_search(config):
+        return check_budget(config)
+    loader = GlobalHydra.instance().config_loader()
+    problems: dict[str, list[int]] = {}
+    inputs = _InputFiles()
     for num, overrides in enumerate(sweep_overrides(config)):
         try:
             job = loader.load_sweep_config(config, overrides)
             check_values(job)
-            key = inputs_key(job)
-            if key not in inputs:
-                try:
-                    check_inputs(job, memo)
-                    inputs[key] = ""
-                except USER_ERRORS as exc:
-                    inputs[key] = str(exc)
-            if inputs[key]:
-                raise ConfigError(inputs[key])
+            inputs.check(job)
         except ConfigError as exc:
             problems.setdefault(str(exc), []).append(num)
     return problems
+
+
+class _InputFiles:
+    """The input-file check of a sweep's jobs, once per distinct (model, data, cache)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, str] = {}  # inputs key -> "" (fine) or the error
+        self.memo = ProcessMemo()
+
+    def check(self, job: DictConfig) -> None:
+        key = inputs_key(job)
+        if key not in self.seen:
+            try:
+                check_inputs(job, self.memo)
+                self.seen[key] = ""
+            except USER_ERRORS as exc:
+                self.seen[key] = str(exc)
+        if self.seen[key]:
+            raise ConfigError(self.seen[key])
 
 
 class SweepCallback(Callback):
@@ -180,8 +243,9 @@ class SweepCallback(Callback):
             except ConfigError as exc:
                 problems = {str(exc): []}
         if problems:  # before the parent run exists: nothing to clean up, one message per distinct error
+            what = "combinations" if is_budget_search(config) else "jobs"
             for message, jobs in problems.items():
-                print(f"error: {message}" + (f" (jobs {', '.join(map(str, jobs))})" if len(jobs) > 1 else ""),
+                print(f"error: {message}" + (f" ({what} {', '.join(map(str, jobs))})" if len(jobs) > 1 else ""),
                       file=sys.stderr)
             sys.exit(2)
         self._start(config)
@@ -234,10 +298,11 @@ class SweepCallback(Callback):
         atexit.unregister(self._abandoned)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         outcomes = _summarize(sweep_dir)
+        budget = _budget_answer(sweep_dir) if is_budget_search(config) else None  # not a reused dir's old one
         failed = sum(o.status == "failed" for o in outcomes)
         left = 0
         if config.mlflow.enabled and self.parent_run_id:
-            left = self._close_parent(config, sweep_dir, outcomes, failed)
+            left = self._close_parent(config, sweep_dir, outcomes, failed, budget)
         if failed:
             print(f"{failed} job(s) failed", file=sys.stderr, flush=True)
         if left:
@@ -245,7 +310,8 @@ class SweepCallback(Callback):
         if failed or left:
             sys.exit(1 if failed else EXIT_PENDING)
 
-    def _close_parent(self, config: DictConfig, sweep_dir: Path, outcomes: list[Outcome], failed: int) -> int:
+    def _close_parent(self, config: DictConfig, sweep_dir: Path, outcomes: list[Outcome], failed: int,
+                      budget: tuple[dict, dict] | None = None) -> int:
         """Upload what the jobs spooled, end the parent run (or spool its end too), build the report.
         Returns how many records are still pending upload."""
         spec = resolve_tracking(config)
@@ -265,6 +331,9 @@ class SweepCallback(Callback):
         try:
             sink.log(tags=tags)
             sink.log_artifacts([sweep_dir / "summary.txt"])
+            if budget is not None:  # the budget search's answer
+                sink.log(metrics=budget[0], tags=budget[1])
+                sink.log_artifacts([sweep_dir / contract.BUDGET_JSON, sweep_dir / contract.BUDGET_CSV])
             spooled = sink.end("FAILED" if failed else "FINISHED")
         except Exception as exc:  # noqa: BLE001 - best effort after the jobs ran
             log.error("closing the sweep's MLflow parent run failed: %s", exc)
