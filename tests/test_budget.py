@@ -143,19 +143,27 @@ def test_bad_budget_input_is_one_clear_message(tmp_path, overrides, message):
     assert len(problems) == 1 and message in next(iter(problems))
 
 
-def test_a_search_without_a_possible_dense_point_is_refused(tmp_path):
+def test_a_search_without_a_possible_dense_point_is_refused(tmp_path, assets):
     """A config that pins recovery (not through the recover group) leaves no dense reference to compare with."""
     exp = tmp_path / "conf" / "experiment"
     exp.mkdir(parents=True)
     (exp / "pinned_bn.yaml").write_text("# @package _global_\nprune:\n  fused: false\nrecover:\n  method: bn\n")
-    problems = check(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "+experiment=pinned_bn")
+    problems = check(tmp_path, "model=yolov5n", "data=coco-val128", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+                     "+experiment=pinned_bn")
     [message] = problems
     assert message.startswith("budget search: no dense point possible for combination 0")
     assert "recover.method='bn' is set by the config" in message
 
 
-def test_a_good_search_passes_the_checks(tmp_path):
-    assert check(tmp_path, "model=yolov5n", "prune=global_l1", "budget.metric=mAP50", "budget.tol=0.05") == {}
+def test_a_good_search_passes_the_checks(tmp_path, assets):
+    assert check(tmp_path, "model=yolov5n", "data=coco-val128", "prune=global_l1", "budget.metric=mAP50",
+                 "budget.tol=0.05") == {}
+
+
+def test_a_search_whose_inputs_are_missing_says_so_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEP_CACHE", str(tmp_path / "empty"))
+    [message] = check(tmp_path, "model=yolov5n", "data=coco-val128", "prune=global_l1")
+    assert "yolov5n.pt is missing" in message and "coco-val128" in message
 
 
 def test_the_budget_node_changes_no_job_hash_or_params(tmp_path, assets):
