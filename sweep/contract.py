@@ -18,6 +18,23 @@ from typing import Any
 
 COCO_METRICS = ("mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
                 "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+# eval.bootstrap=N: a 95% percentile bootstrap interval of each COCO number (N image resamples of the one
+# evaluation's per-image matching), logged as <metric>_lo / <metric>_hi, and N itself
+INTERVAL_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = "bootstrap_resamples"
+
+
+def interval_metrics(metric: str) -> tuple[str, str]:
+    """The lower and upper confidence-interval metrics of a COCO metric: ``mAP50-95_lo``, ``mAP50-95_hi``."""
+    return f"{metric}_lo", f"{metric}_hi"
+
+
+def has_interval(metrics: dict[str, float], resamples: int) -> bool:
+    """Whether a finished run's metrics satisfy ``eval.bootstrap=resamples``: nothing asked, or an interval
+    from at least that many resamples (resume re-runs a point whose run lacks the interval asked for)."""
+    return resamples <= 0 or float(metrics.get(BOOTSTRAP_RESAMPLES, 0)) >= resamples
+
+
 SPEED_METRICS = ("ms_preprocess", "ms_inference", "ms_nms")  # per image, as val.py prints them
 COUNT_METRICS = ("images", "instances")
 COST_METRICS = ("sparsity_target", "sparsity", "sparsity_global", "params", "params_nonzero",
