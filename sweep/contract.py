@@ -139,8 +139,17 @@ _RUN_NAME = re.compile(r"^(?P<model>.+?)-(?P<method>[^-]+)(?P<unfused>-unfused(?
                        r"-s(?P<sparsity>\d+(?:\.\d+)?)$")
 
 
+def sparsity_label(sparsity: float) -> str:
+    """Two decimals when they say it exactly (``0.30``, the names of earlier runs), else every decimal up to
+    six (``0.9375``, ``0.96875``: ShrinkBench's 16x and 32x compression), so no two grid points share a label."""
+    s = round(float(sparsity), 6)
+    short = f"{s:.2f}"
+    return short if float(short) == s else f"{s:.6f}".rstrip("0")
+
+
 def run_name(model: str, method: str, fused: bool, recover: str, sparsity: float) -> str:
-    """``<model>-<method>[-unfused[-<recover>]]-s<sparsity>``, e.g. ``yolov5x-l1_unstructured-s0.30``.
+    """``<model>-<method>[-unfused[-<recover>]]-s<sparsity>``, e.g. ``yolov5x-l1_unstructured-s0.30``,
+    ``yolov5n-random-s0.96875`` (:func:`sparsity_label`).
 
     A recovery always comes with ``-unfused`` (recovery needs the unfused model), which is what
     makes the name parse back unambiguously.
@@ -150,7 +159,7 @@ def run_name(model: str, method: str, fused: bool, recover: str, sparsity: float
         name += "-unfused"
         if recover != "none":
             name += f"-{recover}"
-    return f"{name}-s{float(sparsity):.2f}"
+    return f"{name}-s{sparsity_label(sparsity)}"
 
 
 @dataclass(frozen=True)

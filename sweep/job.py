@@ -234,7 +234,7 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
         with gc_paused():  # the result rows live and die inside this block, unseen by the collector
             with sw.stage("inference_loop"):
                 loop = evaluate(model, data, memo.batches(data, ev.preprocessed), ev, device, evaluator,
-                                f"{spec.model.name} s={spec.sparsity:.2f}")
+                                f"{spec.model.name} s={contract.sparsity_label(spec.sparsity)}")
             if ev.save_json:
                 (out / "predictions.json").write_text(evaluator.predictions_json())
                 files.append(out / "predictions.json")
