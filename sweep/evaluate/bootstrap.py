@@ -40,6 +40,7 @@ from sweep.contract import INTERVAL_LEVEL
 LEVEL = INTERVAL_LEVEL  # two-sided percentile interval: the 2.5th and 97.5th percentiles of the resampled statistic
 SEED = 0       # resamples are drawn from numpy's default_rng(SEED): the same data give the same interval
 EPS = np.spacing(1)  # COCOeval's guard in tp / (tp + fp + eps)
+CHUNK_BYTES = 200e6  # the size of the largest arrays of one chunk of resamples
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,9 @@ def accumulate(table: MatchTable, weights: np.ndarray) -> tuple[np.ndarray, np.n
     W = np.asarray(weights, dtype=np.float64)
     B = W.shape[0]
     T, R, K, A, M = table.iou_thrs.size, table.rec_thrs.size, table.n_cats, table.n_areas, len(table.max_dets)
-    precision = -np.ones((B, T, R, K, A))
-    recall = -np.ones((B, T, K, A, M))
+    # filled per (category, area) block, so laid out [K, A, ...] (contiguous writes) and moved to COCOeval's order
+    precision = -np.ones((K, A, B, T, R))
+    recall = -np.ones((K, A, B, T, M))
     npig = {}
     for (k, a), imgs in table.gt_img.items():
         n = W[:, imgs] @ table.gt_count[k, a]
@@ -207,8 +209,8 @@ def accumulate(table: MatchTable, weights: np.ndarray) -> tuple[np.ndarray, np.n
         for m in range(M):
             hit, counts = table.tp_at_m[k, a, m]
             tp_total = W[:, hit] @ counts  # [B, T]
-            recall[valid, :, k, a, m] = tp_total[valid] / n[valid, None]
-        precision[valid, :, :, k, a] = 0.0  # no detection at all: precision 0 at every recall
+            recall[k, a, valid, :, m] = tp_total[valid] / n[valid, None]
+        precision[k, a][valid] = 0.0  # no detection at all: precision 0 at every recall
     for cv in table.curves:
         n = npig[cv.k, cv.a]
         valid = n > 0
@@ -225,8 +227,8 @@ def accumulate(table: MatchTable, weights: np.ndarray) -> tuple[np.ndarray, np.n
                 np.cumsum(Wv[:, cv.delta_img[t]] * cv.delta_sign[t], axis=1, out=delta[:, 1:])
             fp_cum = fp0[:, cv.tp_n0[t]] + delta[:, cv.tp_nd[t]]
             out[:, t] = _interpolated(tp_cum, fp_cum, nv, table.rec_thrs)
-        precision[valid, :, :, cv.k, cv.a] = out
-    return precision, recall
+        precision[cv.k, cv.a][valid] = out
+    return np.moveaxis(precision, (0, 1), (3, 4)), np.moveaxis(recall, (0, 1), (2, 3))
 
 
 def _mean_defined(s: np.ndarray) -> float:
@@ -276,13 +278,15 @@ def resample_weights(rng: np.random.Generator, n_resamples: int, n_images: int) 
 def bootstrap_stats(table: MatchTable, n_resamples: int, seed: int = SEED, chunk: int | None = None) -> np.ndarray:
     """The 12 COCO stats of ``n_resamples`` image resamples: [N, 12] (-1 where a stat is undefined).
 
-    Resamples are drawn in chunks (``chunk`` resamples at a time, by default sized to keep the
-    per-chunk arrays near 50 MB); the draws do not depend on the chunk size.
+    Resamples are drawn in chunks (``chunk`` resamples at a time; by default as many as keep the chunk's
+    precision array and its largest per-curve array near 200 MB each: large chunks amortise the per-curve
+    numpy calls); the draws do not depend on the chunk size.
     """
     rng = np.random.default_rng(seed)
     if chunk is None:
         per = table.iou_thrs.size * table.rec_thrs.size * table.n_cats * table.n_areas * 8
-        chunk = int(max(1, min(n_resamples, 50e6 // max(per, 1))))
+        widest = max((cv.fp0_img.size for cv in table.curves), default=1) * 8
+        chunk = int(max(1, min(n_resamples, CHUNK_BYTES // max(per, widest, 1))))
     out = []
     for start in range(0, n_resamples, chunk):
         b = min(chunk, n_resamples - start)
