@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -152,8 +153,10 @@ def with_interval(gt: dict, rows: list[dict], ids: list, resamples: int, seed: i
     """One pycocotools evaluation, plus the bootstrap percentile interval (``boot.LEVEL``) of each of the 12
     numbers from ``resamples`` image resamples of its per-image matching (no second ``evaluate()``)."""
     result, ev = _pycocotools_eval(gt, rows, ids)
+    t0 = time.perf_counter()
     table = boot.match_table(ev.evalImgs, ev.params)
     lo, hi = boot.percentile_interval(boot.bootstrap_stats(table, resamples, seed))
+    log.info("bootstrap: %d resamples of %d images in %.1f s", resamples, table.n_images, time.perf_counter() - t0)
     result.intervals = {k: (float(a), float(b)) for k, a, b in zip(STAT_NAMES, lo, hi)}
     result.resamples = resamples
     return result
