@@ -4,7 +4,6 @@ real yolov5n detections of coco-val128, and the job's metrics and resume rule.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

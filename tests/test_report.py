@@ -720,7 +720,8 @@ def test_bootstrap_intervals_are_error_bars_on_the_accuracy_curves(tmp_path, emp
     fig = F.curve_figure(points, T.dense_refs(df), [panel], F.Style.build(points["model"], points["method"]), "t")
     ax = fig.axes[0]
     assert ax.containers, "no error bars drawn"
-    assert any(p.__class__.__name__ == "Rectangle" or "Polygon" in p.__class__.__name__ for p in ax.patches)  # dense band
+    # the dense line's band
+    assert any(p.__class__.__name__ == "Rectangle" or "Polygon" in p.__class__.__name__ for p in ax.patches)
 
 
 def test_cross_size_pareto_front_and_best_run_within_a_budget(tmp_path, empty_db):

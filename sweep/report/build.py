@@ -239,7 +239,8 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     style = F.Style.build(df["model"], df["method"])
     label = sel.sweep_id if sel.mode != ALL else f"all runs of {sel.experiment_name}"
     ci = f" (bars: {100 * contract.INTERVAL_LEVEL:.0f}% CI)" if has_ci else ""
-    acc_panels = [F.metric_panel(n, n + ci, f"{n} (COCO, 0–1)", interval=has_ci) for n in ("mAP50-95", "mAP50", "AR100")]
+    acc_panels = [F.metric_panel(n, n + ci, f"{n} (COCO, 0–1)", interval=has_ci)
+                  for n in ("mAP50-95", "mAP50", "AR100")]
     speed = [F.metric_panel("ms_inference", "Inference time", "inference (ms / image)", from_zero=True),
              F.metric_panel("gflops", "Compute", "GFLOPs per image", from_zero=True),
              F.metric_panel("params_nonzero", "Non-zero parameters", "non-zero parameters (millions)",

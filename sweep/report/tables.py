@@ -348,7 +348,8 @@ def budget_table(points: pd.DataFrame, value: str = "mAP50-95", group: str = "ti
                     continue
                 under = cand[cand[c] <= d[c] * (1 + 1e-9)]
                 best = under.sort_values([v, c], ascending=[False, True], kind="stable").iloc[0]
-                rows.append({"setting": g, "cost": what, "budget: a dense run": f"{d['model']}: {d[c] * scale:.4g}{unit}",
+                rows.append({"setting": g, "cost": what,
+                             "budget: a dense run": f"{d['model']}: {d[c] * scale:.4g}{unit}",
                              "best run within it": point_label(best), "its cost": f"{best[c] * scale:.4g}{unit}",
                              "mAP50-95": f"{best[v]:.3f}", "dense mAP50-95": f"{d[v]:.3f}",
                              "gain": f"{best[v] - d[v]:+.3f}"})
