@@ -18,6 +18,23 @@ from typing import Any, Mapping
 
 COCO_METRICS = ("mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
                 "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+# eval.bootstrap=N: a 95% percentile bootstrap interval of each COCO number (N image resamples of the one
+# evaluation's per-image matching), logged as <metric>_lo / <metric>_hi, and N itself
+INTERVAL_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = "bootstrap_resamples"
+
+
+def interval_metrics(metric: str) -> tuple[str, str]:
+    """The lower and upper confidence-interval metrics of a COCO metric: ``mAP50-95_lo``, ``mAP50-95_hi``."""
+    return f"{metric}_lo", f"{metric}_hi"
+
+
+def has_interval(metrics: dict[str, float], resamples: int) -> bool:
+    """Whether a finished run's metrics satisfy ``eval.bootstrap=resamples``: nothing asked, or an interval
+    from at least that many resamples (resume re-runs a point whose run lacks the interval asked for)."""
+    return resamples <= 0 or float(metrics.get(BOOTSTRAP_RESAMPLES, 0)) >= resamples
+
+
 SPEED_METRICS = ("ms_preprocess", "ms_inference", "ms_nms")  # per image, as val.py prints them
 COUNT_METRICS = ("images", "instances")
 COST_METRICS = ("sparsity_target", "sparsity", "sparsity_global", "params", "params_nonzero",
@@ -138,8 +155,17 @@ _RUN_NAME = re.compile(r"^(?P<model>.+?)-(?P<method>[^-]+)(?P<unfused>-unfused(?
                        r"-s(?P<sparsity>\d+(?:\.\d+)?)$")
 
 
+def sparsity_label(sparsity: float) -> str:
+    """Two decimals when they say it exactly (``0.30``, the names of earlier runs), else every decimal up to
+    six (``0.9375``, ``0.96875``: ShrinkBench's 16x and 32x compression), so no two grid points share a label."""
+    s = round(float(sparsity), 6)
+    short = f"{s:.2f}"
+    return short if float(short) == s else f"{s:.6f}".rstrip("0")
+
+
 def run_name(model: str, method: str, fused: bool, recover: str, sparsity: float) -> str:
-    """``<model>-<method>[-unfused[-<recover>]]-s<sparsity>``, e.g. ``yolov5x-l1_unstructured-s0.30``.
+    """``<model>-<method>[-unfused[-<recover>]]-s<sparsity>``, e.g. ``yolov5x-l1_unstructured-s0.30``,
+    ``yolov5n-random-s0.96875`` (:func:`sparsity_label`).
 
     A recovery always comes with ``-unfused`` (recovery needs the unfused model), which is what
     makes the name parse back unambiguously.
@@ -149,7 +175,7 @@ def run_name(model: str, method: str, fused: bool, recover: str, sparsity: float
         name += "-unfused"
         if recover != "none":
             name += f"-{recover}"
-    return f"{name}-s{float(sparsity):.2f}"
+    return f"{name}-s{sparsity_label(sparsity)}"
 
 
 @dataclass(frozen=True)

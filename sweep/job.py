@@ -235,11 +235,11 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
         if device.type == "cuda":  # val.py warms CUDA up before timing
             measure_latency(model, device=device, half=ev.half, imgsz=ev.imgsz, batch=1, iters=1, warmup=1)
         evaluator = CocoEvaluator(data.ground_truth, backend=ev.backend, image_ids=data.image_ids,
-                                  class_map=data.class_map)
+                                  class_map=data.class_map, bootstrap=ev.bootstrap)
         with gc_paused():  # the result rows live and die inside this block, unseen by the collector
             with sw.stage("inference_loop"):
                 loop = evaluate(model, data, memo.batches(data, ev.preprocessed), ev, device, evaluator,
-                                f"{spec.model.name} s={spec.sparsity:.2f}")
+                                f"{spec.model.name} s={contract.sparsity_label(spec.sparsity)}")
             if ev.save_json:
                 (out / "predictions.json").write_text(evaluator.predictions_json())
                 files.append(out / "predictions.json")
@@ -265,7 +265,7 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
     metrics: dict[str, Any] = dict(coco.stats) | loop.per_image_ms() | {
         "images": loop.images, "instances": data.instances, "detections": loop.detections,
         "images_skipped": len(data.skipped),
-    } | acc | recover_metrics | lat | sw.as_metrics()
+    } | interval_metrics(coco) | acc | recover_metrics | lat | sw.as_metrics()
     metrics |= {"model": spec.model.name, "data": spec.data.name, "sparsity_target": spec.sparsity,
                 "prune_method": spec.prune.method, "prune_fused": spec.prune.fused,
                 "recover_method": spec.recover.method, "device": str(device), "half": ev.half,
@@ -273,6 +273,17 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
     _print_summary(spec, metrics, loop.shape)
     files += write_artifacts(out, spec, metrics, per_layer, coco)
     return metrics, files
+
+
+def interval_metrics(coco: CocoResult) -> dict[str, float]:
+    """``<metric>_lo`` / ``<metric>_hi`` of every COCO number and the resample count (eval.bootstrap > 0)."""
+    if not coco.resamples:
+        return {}
+    out: dict[str, float] = {contract.BOOTSTRAP_RESAMPLES: coco.resamples}
+    for name, (lo, hi) in coco.intervals.items():
+        lo_name, hi_name = contract.interval_metrics(name)
+        out |= {lo_name: lo, hi_name: hi}
+    return out
 
 
 # ------------------------------------------------------------------------------- the job
@@ -299,6 +310,13 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
                 tracker.close_orphans()
             if spec.resume:
                 prev = tracker.finished_run(spec.config_hash)
+                if prev is not None and not contract.has_interval(prev.data.metrics, spec.eval.bootstrap):
+                    # eval.bootstrap is not in the config hash (it adds intervals, the numbers stay the same), so
+                    # a finished run without the interval asked for is measured again rather than skipped
+                    log.info("re-run %s: FINISHED run %s of config_hash %s has no %d-resample confidence interval "
+                             "(eval.bootstrap)", spec.run_name, prev.info.run_id, spec.config_hash,
+                             spec.eval.bootstrap)
+                    prev = None
                 if prev is not None:
                     log.info("skip %s: config_hash %s already has FINISHED run %s (%s); resume=false forces a re-run",
                              spec.run_name, spec.config_hash, prev.info.run_id, prev.info.run_name)

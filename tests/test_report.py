@@ -107,9 +107,9 @@ class Store:
             recover: str = "none", data: str = "coco-val128", imgsz: int = 640, half: bool = False,
             include: list[str] | None = None, status: str = "FINISHED", drop: tuple[str, ...] = (),
             device: str = "Intel Xeon CPU", batch: int = 32, params_logged: bool = True,
-            weights: str | None = None, limit: int | None = None, extra: dict | None = None) -> str:
+            weights: str | None = None, limit: int | None = None, extra: dict | None = None, seed: int = 0) -> str:
         include = include or []
-        tags = {"sweep_id": sweep_id, "sweep.role": "job", "config_hash": f"h{hash((model, method, s, recover, imgsz, half, tuple(include))) & 0xffffffff:08x}",
+        tags = {"sweep_id": sweep_id, "sweep.role": "job", "config_hash": f"h{hash((model, method, s, recover, imgsz, half, tuple(include), seed)) & 0xffffffff:08x}",
                 "git_commit": "0123456789abcdef0123456789abcdef01234567", "device_name": device}
         if pid:
             tags["mlflow.parentRunId"] = pid
@@ -119,7 +119,7 @@ class Store:
         params = {"model.name": model, "prune.method": method, "prune.fused": "True",
                   "prune.include": str(include), "prune.exclude": "[]", "sparsity": str(s),
                   "data.name": data, "eval.imgsz": str(imgsz), "eval.half": str(half),
-                  "eval.device": "cpu", "eval.batch": str(batch), "recover.method": recover}
+                  "eval.device": "cpu", "eval.batch": str(batch), "recover.method": recover, "prune.seed": str(seed)}
         if recover != "none":
             params["prune.fused"] = "False"
         params["model.weights"] = weights or f"/cache/weights/{model}.pt"
@@ -177,8 +177,8 @@ def test_main_sweep_files(main_sweep):
     for name in expected:
         if name.endswith(".png"):
             png_ok(out / name)
-    # title + 4 figures + results table (17 rows -> one page)
-    assert pdf_pages(out / "report.pdf") == 6
+    # title + 4 figures + results table (17 rows -> one page) + the best-run-within-a-budget table
+    assert pdf_pages(out / "report.pdf") == 7
     assert not list(st.root.joinpath("reports").glob(".*")), "temporary folder left behind"
 
 
@@ -269,7 +269,7 @@ def test_latest_sweep_and_all(tmp_path, empty_db):
     df = pd.read_csv(out_all / "results.csv")
     assert set(df["run_id"]) == set(old) | set(new[:-1])  # finished job runs only, no parents
     assert (df["status"] == "FINISHED").all()
-    assert pdf_pages(out_all / "report.pdf") == 6
+    assert pdf_pages(out_all / "report.pdf") == 7  # two model sizes: + the best-run-within-a-budget table
 
 
 def test_resumed_sweep_includes_reused_runs(tmp_path, empty_db):
@@ -651,3 +651,130 @@ def test_a_killed_report_build_leaves_nothing_behind_after_the_next_build(tmp_pa
     out = build_report(st.uri, EXP, sweep="k1", out_root=root)
     assert not stale.exists() and [p.name for p in root.iterdir()] == ["k1"]
     assert (out / "report.pdf").is_file()
+
+
+# ------------------------------------------------------------------ seeds, intervals, cross-size Pareto (#14)
+
+
+def test_runs_differing_only_by_seed_are_one_point_mean_and_min_max(tmp_path, empty_db):
+    """prune.seed 0, 1, 2 of the random baseline: one point per sparsity, the mean with its min-max over the seeds
+    and the number of seeds, in the tables and as a band in the figures; a single-seed method stays as it is."""
+    st = Store(tmp_path, empty_db)
+    base = {s: job_metrics("yolov5n", "random_unstructured", s)["mAP50-95"] for s in (0.3, 0.5)}
+    jobs = [dict(model="yolov5n", method="l1_unstructured", s=0.0),
+            dict(model="yolov5n", method="l1_unstructured", s=0.3)]
+    jobs += [dict(model="yolov5n", method="random_unstructured", s=s, seed=seed,
+                  extra={"mAP50-95": base[s] + 0.01 * (seed - 1) + (0.005 if seed == 2 else 0.0)})
+             for s in (0.3, 0.5) for seed in (0, 1, 2)]
+    st.sweep("seeds", jobs)
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+
+    df = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP, sweep="seeds").runs))
+    points = T.aggregate_seeds(T.dedupe(df))
+    rnd = points[(points["method"] == "random_unstructured")].set_index("target")
+    assert list(rnd["n_seeds"]) == [3, 3] and rnd.loc[0.3, "seeds"] == "0, 1, 2"
+    col = "metrics.mAP50-95"
+    for s in (0.3, 0.5):
+        vals = [base[s] - 0.01, base[s], base[s] + 0.015]
+        assert rnd.loc[s, col] == pytest.approx(sum(vals) / 3)
+        assert rnd.loc[s, T.SEED_MIN + col] == pytest.approx(vals[0])
+        assert rnd.loc[s, T.SEED_MAX + col] == pytest.approx(vals[2])
+    l1 = points[(points["method"] == "l1_unstructured") & ~points["is_dense"]]
+    assert list(l1["n_seeds"]) == [1] and T.SEED_MIN + col not in l1.dropna(axis=1, how="all").columns
+    assert len(points) == 4  # dense, l1 0.3, random 0.3 and 0.5
+
+    md = (out / "results.md").read_text()
+    assert "## Across seeds" in md and "min–max" in md
+    row = next(line for line in md.splitlines() if "random_unstructured" in line and "| 0.30 |" in line
+               and "3 (0, 1, 2)" in line)
+    assert f"{sum([base[0.3] - 0.01, base[0.3], base[0.3] + 0.015]) / 3:.3f} ({base[0.3] - 0.01:.3f}–" in row
+    assert "| seed |" in md  # the per-run table says which seed each run had
+    assert "prune.seed values" in md  # the note
+    fig = F.curve_figure(points, T.dense_refs(df), [F.metric_panel("mAP50-95", "mAP50-95", "mAP50-95")],
+                         F.Style.build(points["model"], points["method"]), "t")
+    assert any(c.__class__.__name__ in ("PolyCollection", "FillBetweenPolyCollection")
+               for c in fig.axes[0].collections)  # the min-max band
+    assert any("prune.seed" in t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_bootstrap_intervals_are_error_bars_on_the_accuracy_curves(tmp_path, empty_db):
+    st = Store(tmp_path, empty_db)
+
+    def ci(model, s, half_width):
+        m = job_metrics(model, "l1_unstructured", s)
+        out = {contract.BOOTSTRAP_RESAMPLES: 1000}
+        for name in ("mAP50-95", "mAP50", "AR100"):
+            lo, hi = contract.interval_metrics(name)
+            out |= {lo: m[name] - half_width, hi: m[name] + half_width}
+        return out
+
+    st.sweep("ci", [dict(model="yolov5n", method="l1_unstructured", s=s, extra=ci("yolov5n", s, 0.02))
+                    for s in (0.0, 0.3, 0.5)])
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    md = (out / "results.md").read_text()
+    assert "95% percentile bootstrap intervals" in md and "1000 resamples" in md
+    df = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP, sweep="ci").runs))
+    points = T.aggregate_seeds(T.dedupe(df))
+    panel = F.metric_panel("mAP50-95", "mAP50-95", "mAP50-95", interval=True)
+    assert panel.spread == ("mAP50-95_lo", "mAP50-95_hi")
+    fig = F.curve_figure(points, T.dense_refs(df), [panel], F.Style.build(points["model"], points["method"]), "t")
+    ax = fig.axes[0]
+    assert ax.containers, "no error bars drawn"
+    # the dense line's band
+    assert any(p.__class__.__name__ == "Rectangle" or "Polygon" in p.__class__.__name__ for p in ax.patches)
+
+
+def test_cross_size_pareto_front_and_best_run_within_a_budget(tmp_path, empty_db):
+    """Pruned yolov5s against dense yolov5n on one front per cost axis, and the budget table's answer."""
+    st = Store(tmp_path, empty_db)
+    s_pruned = job_metrics("yolov5s", "l1_unstructured", 0.8)
+    better = {"mAP50-95": 0.300}  # a pruned yolov5s more accurate than dense yolov5n (0.280) at fewer weights
+    assert s_pruned["params_nonzero"] < DENSE["yolov5n"]["params"]
+    jobs = [dict(model="yolov5n", method="l1_unstructured", s=s) for s in (0.0, 0.3, 0.5)]
+    jobs += [dict(model="yolov5s", method="l1_unstructured", s=0.0),
+             dict(model="yolov5s", method="l1_unstructured", s=0.8, extra=better)]
+    st.sweep("sizes", jobs)
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    png_ok(out / "pareto.png")
+
+    df = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP, sweep="sizes").runs))
+    points = T.aggregate_seeds(T.dedupe(df, by_device=True), by_device=True)
+    table = T.budget_table(points)
+    params = table[table["cost"] == "non-zero parameters"].set_index("budget: a dense run")
+    n_row = params.loc[next(b for b in params.index if b.startswith("yolov5n:"))]
+    assert n_row["best run within it"] == "yolov5s·l1_unstructured·0.80"
+    assert n_row["mAP50-95"] == "0.300" and n_row["dense mAP50-95"] == "0.280" and n_row["gain"] == "+0.020"
+    s_row = params.loc[next(b for b in params.index if b.startswith("yolov5s:"))]
+    assert s_row["best run within it"] == "yolov5s·l1_unstructured·0.00" and s_row["gain"] == "+0.000"
+    assert set(table["cost"]) == {"non-zero parameters", "GFLOPs", "batch-1 latency", "compressed size (zstd)"}
+
+    fig = F.pareto_figure(points, F.Style.build(points["model"], points["method"]), "t")
+    titles = [ax.get_title() for ax in fig.axes if ax.axison]
+    assert len(titles) == 4 and any("batch-1 latency" in t for t in titles)  # absolute: two sizes on one axis
+    labels = {t.get_text() for ax in fig.axes for t in ax.texts}
+    assert "yolov5s·l1_unstructured·0.80" in labels and "yolov5n·l1_unstructured·0.00" in labels
+    md = (out / "results.md").read_text()
+    assert "## Best run within a budget (every model size)" in md and "yolov5s·l1_unstructured·0.80" in md
+
+
+def test_high_compression_grid_points_name_parse_and_label(tmp_path, empty_db):
+    """ShrinkBench's 16x / 32x points (0.9375, 0.96875) are valid, named without rounding and shown as such."""
+    import yaml
+
+    from sweep.config.resolve import normalize_sparsity
+
+    grid_yaml = yaml.safe_load((REPO / "conf" / "experiment" / "grid.yaml").read_text())
+    values = [normalize_sparsity(float(v)) for v in str(grid_yaml["hydra"]["sweeper"]["params"]["sparsity"]).split(",")]
+    assert {0.9375, 0.96875} <= set(values)
+    names = [contract.run_name("yolov5n", "l1_unstructured", True, "none", v) for v in values]
+    assert len(set(names)) == len(names)
+    assert names[-2:] == ["yolov5n-l1_unstructured-s0.9375", "yolov5n-l1_unstructured-s0.96875"]
+    assert [contract.parse_run_name(n).sparsity for n in names] == values
+    assert contract.run_name("yolov5x", "l1_unstructured", True, "none", 0.3).endswith("-s0.30")  # names unchanged
+
+    st = Store(tmp_path, empty_db)
+    st.sweep("hc", [dict(model="yolov5n", method="l1_unstructured", s=s) for s in (0.0, 0.9, 0.9375, 0.96875)])
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    md = (out / "results.md").read_text()
+    assert "| 0.9375 |" in md and "| 0.96875 |" in md
+    png_ok(out / "accuracy_vs_sparsity.png")

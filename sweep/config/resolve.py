@@ -93,6 +93,9 @@ def _check_values(c: Mapping[str, Any]) -> None:
     _check(e["max_det"] >= 1, "eval.max_det", e["max_det"], "an integer >= 1")
     _check(e["workers"] >= 0, "eval.workers", e["workers"], "an integer >= 0")
     _check(e["latency_iters"] >= 1, "eval.latency_iters", e["latency_iters"], "an integer >= 1")
+    b = e["bootstrap"]
+    _check(isinstance(b, int) and not isinstance(b, bool) and b >= 0, "eval.bootstrap", b,
+           "an integer >= 0 (image resamples for the 95% confidence intervals; 0: none), e.g. 1000")
     runtimes = list(e["runtimes"] or [])
     _check(bool(runtimes) and len(set(runtimes)) == len(runtimes) and all(r in contract.RUNTIMES for r in runtimes),
            "eval.runtimes", runtimes, f"a non-empty list without repeats of {', '.join(contract.RUNTIMES)}, "
@@ -344,7 +347,10 @@ def semantic_config(c: Mapping[str, Any], weights_sha256: str, device: torch.dev
     """The settings that determine a job's numbers (hashed into ``config_hash``).
 
     At sparsity 0 (and no recovery) every pruning method is the same dense model, so the pruning
-    options are left out: a dense point is evaluated once per model and data.
+    options are left out: a dense point is evaluated once per model and data. ``eval.bootstrap`` is left
+    out too: it adds confidence intervals, never changes the numbers, so a run with or without them is the
+    same point (one curve, one table row); resume instead re-runs a finished run that lacks the interval
+    asked for (``contract.has_interval``, sweep/job.py), and a plain rerun reuses a run that has one.
     """
     prune = {k: v for k, v in c["prune"].items() if k != "save"}
     dense = sparsity == 0.0 and c["recover"]["method"] == "none"
@@ -457,7 +463,7 @@ def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
     evaluation = EvalSpec(int(imgsz), int(e["batch"]), float(e["conf"]), float(e["iou"]), int(e["max_det"]),
                           str(device), half, str(e["backend"]), int(e["workers"]), bool(e["save_json"]),
                           bool(e["latency"]), int(e["latency_iters"]), bool(e["progress"]),
-                          preprocessed_dir(c["paths"]["preprocessed"]), tuple(e["runtimes"]))
+                          preprocessed_dir(c["paths"]["preprocessed"]), tuple(e["runtimes"]), int(e["bootstrap"]))
     eval_data = memo.eval_data(data, evaluation, stride, ckpt.names, model.weights)  # scans every label now
     memo.calibration(recover, evaluation, eval_data.files, device, ckpt.names)  # refuses evaluation images now
 

@@ -125,6 +125,10 @@ class EvalConfig:
     # keep freed host memory for reuse (glibc mallopt): CPU forward passes stop page-faulting their
     # activations; the process keeps its peak memory (docs/benchmarks.md). Applied once per process.
     reuse_host_memory: bool = True
+    # image resamples for a 95% percentile bootstrap interval of every COCO number, from the one evaluation's
+    # per-image matching (logged as <metric>_lo / <metric>_hi); 0: none. An integer >= 0, typed Any so that a
+    # bad value gets resolve's message (key, value, what is allowed) rather than Hydra's merge error.
+    bootstrap: Any = 0
 
 
 @dataclass

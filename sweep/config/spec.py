@@ -89,6 +89,7 @@ class EvalSpec:
     progress: bool = True
     preprocessed: Path | None = None  # on-disk decoded-batch cache folder, None: decode every time
     runtimes: tuple[str, ...] = ("torch",)  # latency measured in: torch, onnxruntime
+    bootstrap: int = 0        # image resamples for the COCO numbers' confidence intervals, 0: none
 
 
 @dataclass(frozen=True)

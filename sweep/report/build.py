@@ -121,7 +121,7 @@ def _title_fields(sel: Q.Selection, df: pd.DataFrame, now: datetime) -> list[tup
 
 
 def _markdown(title: str, fields: list[tuple[str, str]], notes: list[str], table: pd.DataFrame,
-              figures: list[str]) -> str:
+              figures: list[str], sections: list[tuple[str, str, pd.DataFrame]] = ()) -> str:
     lines = [f"# {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in fields if k != "tracking URI"]
     if notes:
@@ -130,7 +130,10 @@ def _markdown(title: str, fields: list[tuple[str, str]], notes: list[str], table
               "mAP/AR are COCO numbers in [0, 1]; Δ vs dense is the mAP50-95 difference from the same "
               "model's dense run (same dataset, image size and precision); ms/image is the inference "
               "stage; runs that did not finish are listed with their status and no values.", "",
-              T.markdown_table(table), "## Figures", ""]
+              T.markdown_table(table)]
+    for heading, blurb, extra in sections:
+        lines += [f"## {heading}", "", blurb, "", T.markdown_table(extra)]
+    lines += ["## Figures", ""]
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 
@@ -183,20 +186,33 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     def per_layer(frame: pd.DataFrame) -> pd.Series:
         return frame["include"].map(bool) & ~frame["is_dense"]
 
-    points = T.dedupe(df)
+    deduped = T.dedupe(df)
+    points = T.aggregate_seeds(deduped)
     include_varies = df["include"].nunique() > 1
     is_layer = per_layer(points)
     sens = points[is_layer] if include_varies else points.iloc[0:0]
     curve_points = points[~is_layer] if include_varies else points
-    points_t = T.dedupe(df, by_device=True)
+    points_t = T.aggregate_seeds(T.dedupe(df, by_device=True), by_device=True)
     curve_points_t = points_t[~per_layer(points_t)] if include_varies else points_t
     curve_note = "per-layer runs (prune.include varies): see sensitivity.png" if len(sens) else None
     if len(sens):
         notes.append(f"{_plural(len(sens), 'per-layer run')} (prune.include varies) "
                      f"{'is' if len(sens) == 1 else 'are'} shown in sensitivity.png, not on the curves")
-    if len(ok) > len(points):
-        notes.append(f"{_plural(len(ok) - len(points), 'repeated configuration')}: figures use the most recent run, "
+    if len(ok) > len(deduped):
+        notes.append(f"{_plural(len(ok) - len(deduped), 'repeated configuration')}: figures use the most recent run, "
                      f"tables list every run")
+    multi = points[points["n_seeds"] > 1]
+    if len(multi):
+        notes.append(f"{_plural(len(multi), 'configuration')} ran with several prune.seed values (up to "
+                     f"{int(multi['n_seeds'].max())}): figures show their mean with a shaded min–max band over the "
+                     "seeds; the table 'Across seeds' gives mean (min–max) and the seeds")
+    has_ci = metric(contract.interval_metrics("mAP50-95")[0]) in ok.columns and \
+        ok[metric(contract.interval_metrics("mAP50-95")[0])].notna().any()
+    if has_ci:
+        n_boot = sorted({int(v) for v in ok.get(metric(contract.BOOTSTRAP_RESAMPLES), pd.Series(dtype=float)).dropna()})
+        notes.append(f"error bars on the accuracy curves: {100 * contract.INTERVAL_LEVEL:.0f}% percentile bootstrap "
+                     f"intervals over the evaluated images ({'/'.join(map(str, n_boot))} resamples, eval.bootstrap); "
+                     "runs without one have no bar")
     bad = df[df["outcome"] != "ok"]
     if len(bad):
         names = list(bad["run_name"].astype(str))
@@ -222,9 +238,9 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
 
     style = F.Style.build(df["model"], df["method"])
     label = sel.sweep_id if sel.mode != ALL else f"all runs of {sel.experiment_name}"
-    acc_panels = [F.metric_panel("mAP50-95", "mAP50-95", "mAP50-95 (COCO, 0–1)"),
-                  F.metric_panel("mAP50", "mAP50", "mAP50 (COCO, 0–1)"),
-                  F.metric_panel("AR100", "AR100", "AR100 (COCO, 0–1)")]
+    ci = f" (bars: {100 * contract.INTERVAL_LEVEL:.0f}% CI)" if has_ci else ""
+    acc_panels = [F.metric_panel(n, n + ci, f"{n} (COCO, 0–1)", interval=has_ci)
+                  for n in ("mAP50-95", "mAP50", "AR100")]
     speed = [F.metric_panel("ms_inference", "Inference time", "inference (ms / image)", from_zero=True),
              F.metric_panel("gflops", "Compute", "GFLOPs per image", from_zero=True),
              F.metric_panel("params_nonzero", "Non-zero parameters", "non-zero parameters (millions)",
@@ -269,7 +285,7 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
             p, r, speed, style, f"Speed and size vs sparsity · {label}", group_col="timing_setting",
             facet_recover=False, note=curve_note, page=page))
         figs["pareto.png"] = per_group(points_t, refs_time, "timing_setting", lambda p, r: F.pareto_figure(
-            p, style, f"Accuracy vs cost · {label}", page=page))
+            p, style, f"Accuracy vs cost, every model size on one front · {label}", page=page))
         if len(sens):
             figs["sensitivity.png"] = F.sensitivity_figure(sens, refs, f"Per-layer sensitivity · {label}", page=page)
         return figs
@@ -280,6 +296,21 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     title = f"YOLOv5 pruning report · {label}"
     fields = _title_fields(sel, df, now)
     table = T.summary_table(df)
+    sections = []
+    seeds = T.seed_table(curve_points)
+    if len(seeds):
+        sections.append(("Across seeds", "Configurations run with several `prune.seed` values: the mean over the "
+                         "seeds, in brackets the smallest and largest value (min–max, not a standard deviation: "
+                         "with a handful of seeds the range is the honest spread); the figures plot the same mean "
+                         "with a shaded min–max band.", seeds))
+    # the cross-size question (pruned yolov5m or dense yolov5s?): asked when the runs span model sizes
+    budgets = T.budget_table(curve_points_t) if curve_points_t["model"].nunique() > 1 else pd.DataFrame()
+    if len(budgets):
+        sections.append(("Best run within a budget (every model size)", "For each cost axis and each model's dense "
+                         "run as the budget: the most accurate run of any model size, method and sparsity that "
+                         "costs at most as much (same data, image size, precision and device). A gain > 0 means a "
+                         "pruned larger model beats the dense model at that cost; pareto.png shows the fronts.",
+                         budgets))
 
     out_root.mkdir(parents=True, exist_ok=True)
     name = ALL if sel.mode == ALL else _safe_name(sel.sweep_id)
@@ -290,11 +321,13 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
         for fname, fig in figs.items():
             fig.savefig(tmp / fname, dpi=PNG_DPI)
         T.results_csv_frame(df).to_csv(tmp / "results.csv", index=False)
-        (tmp / "results.md").write_text(_markdown(title, fields, notes, table, list(figs)), encoding="utf-8")
+        (tmp / "results.md").write_text(_markdown(title, fields, notes, table, list(figs), sections), encoding="utf-8")
         pages = [P.title_page(title, fields, notes)]
         for fig in make(P.A4_LANDSCAPE).values():  # every figure again, laid out to fill an A4 page
             pages += fig if isinstance(fig, list) else [fig]
         pages += P.table_figures(table, f"Results · {label}")
+        for heading, _, extra in sections:
+            pages += P.table_figures(extra, f"{heading} · {label}")
         P.write_pdf(tmp / "report.pdf", pages, title)
         out.mkdir(parents=True, exist_ok=True)
         for fname in REPORT_FILES:  # drop a previous build's files (e.g. a stale sensitivity.png)

@@ -19,11 +19,12 @@ import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from sweep import contract
 
 from .common import metric
-from .tables import DenseRef, layer_index, model_sort_key
+from .tables import SEED_MAX, SEED_MIN, DenseRef, _missing, layer_index, model_sort_key, point_label
 
 SIZE_COLOURS = {"n": "#1f77b4", "s": "#ff7f0e", "m": "#2ca02c", "l": "#d62728", "x": "#9467bd"}
 EXTRA_COLOURS = ["#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939",
@@ -106,9 +107,12 @@ def latency_panel(name: str, title: str, ylabel: str) -> Panel:
                  from_zero=True, spread=contract.latency_quartiles(name))
 
 
-def metric_panel(name: str, title: str, ylabel: str, scale: float = 1.0, from_zero: bool = False) -> Panel:
+def metric_panel(name: str, title: str, ylabel: str, scale: float = 1.0, from_zero: bool = False,
+                 interval: bool = False) -> Panel:
+    """``interval``: the metric's bootstrap confidence interval (``<name>_lo`` / ``_hi``) as error bars and as a
+    band around the dense line."""
     return Panel(metric(name), title, ylabel, scale, dense=lambda r, n=name: r.get(n) * scale,
-                 from_zero=from_zero)
+                 from_zero=from_zero, spread=contract.interval_metrics(name) if interval else None)
 
 
 def retention_panel(name: str) -> Panel:
@@ -146,7 +150,8 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
     ``points`` are finished, de-duplicated runs (dense ones included); ``refs`` the dense references
     keyed (model, group label). ``page`` (inches): the figure is that size and its panels are arranged
     to fill it, with larger text (a PDF page); else its size follows the panel count (a PNG).
-    A panel whose frame has ``<column>.lo`` / ``<column>.hi`` columns draws them as error bars.
+    A panel with a ``spread`` draws those metrics as error bars; points averaged over several ``prune.seed``
+    values (``seedmin.<column>`` / ``seedmax.<column>``, tables.aggregate_seeds) get a shaded min-max band.
     """
     groups = sorted(set(points[group_col]) | {g for _, g in refs})
     recs: list[Optional[str]] = [None]
@@ -169,6 +174,7 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
     variants = sorted({variant(r) for _, r in pruned_all.iterrows()}) if variant_cols else [""]
     nrows = len(groups) * sub_rows
     size = page or (max(PANEL_W * per_row, 7.5), PANEL_H * nrows + 1.3)
+    seeds_drawn = 0  # the most seeds behind one drawn band (0: none), for the legend
     fig = Figure(figsize=size, layout="constrained")
     grid = fig.subplots(nrows, per_row, squeeze=False)
     for k in range(len(cols), sub_rows * per_row):  # unused cells of a wrapped row
@@ -202,6 +208,14 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
                 ax.plot(np.asarray(xs)[order], np.asarray(ys)[order], color=style.colour(model),
                         ls=style.linestyles[method], marker=style.markers[method], ms=5, lw=1.6,
                         mfc=style.colour(model) if vi == 0 else "white", mew=1.3, zorder=3)
+                smin, smax = SEED_MIN + panel.column, SEED_MAX + panel.column
+                if smin in c.columns and c[smin].notna().any():  # min-max over prune.seed
+                    s = c[c[smin].notna()].sort_values("x")
+                    ax.fill_between(s["x"], s[smin] * panel.scale, s[smax] * panel.scale, color=style.colour(model),
+                                    alpha=0.18, lw=0, zorder=1)
+                    ax.vlines(s["x"], s[smin] * panel.scale, s[smax] * panel.scale, color=style.colour(model),
+                              alpha=0.35, lw=3, zorder=2)
+                    seeds_drawn = max(seeds_drawn, int(s["n_seeds"].max()))
                 if panel.spread is not None:
                     lo_c, hi_c = (metric(n) for n in panel.spread)
                     if lo_c in c.columns and hi_c in c.columns and c[lo_c].notna().any():
@@ -254,7 +268,12 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
         sup += f"\n{note}"
     fig.suptitle(sup, fontsize=12 * fs)
     has_dense = any(p.dense is not None for p in panels) and bool(refs)
-    _legend(fig, style, points["model"], points["method"], variants if variant_cols else [], has_dense, fs=fs)
+    extra = []
+    if seeds_drawn:
+        extra.append(Patch(color="0.5", alpha=0.35, label=f"shaded: min–max over prune.seed (up to {seeds_drawn} "
+                                                             "seeds; line: their mean)"))
+    _legend(fig, style, points["model"], points["method"], variants if variant_cols else [], has_dense, extra,
+            fs=fs)
     return fig
 
 
@@ -288,27 +307,51 @@ def with_relative_latency(points: pd.DataFrame) -> pd.DataFrame:
     return points.assign(**{REL_LATENCY: rel, REL_LATENCY_LO: rel * (1 - lo_rel), REL_LATENCY_HI: rel * (1 + hi_rel)})
 
 
-def pareto_figure(points: pd.DataFrame, style: Style, title: str,
-                  page: Optional[tuple[float, float]] = None) -> Figure:
-    """mAP50-95 against inference time and non-zero parameters, one row per timing setting
-    (``page``: that figure size, larger text)."""
-    points = with_relative_latency(points)
-    time_cost = (REL_LATENCY, "mAP50-95 vs latency relative to dense", REL_LATENCY_LABEL, 1.0)
-    if REL_LATENCY not in points.columns or points[REL_LATENCY].isna().all():  # runs from before #17
+def cost_axes(points: pd.DataFrame) -> list[tuple[str, str, str, float]]:
+    """The cost axes the runs have, as (column, panel title, x label, scale): batch-1 latency, non-zero
+    parameters, GFLOPs, compressed size.
+
+    Latency: relative to the model's own dense run (timed alternately, robust to a busy machine) when one
+    model is shown; absolute milliseconds (same device only: one row per timing setting) when several
+    are, since relative latencies of two model sizes are not comparable; ms/image of the inference stage
+    for runs logged before the latency metrics existed.
+    """
+    models = points["model"].nunique() if len(points) else 0
+    if models <= 1 and REL_LATENCY in points.columns and points[REL_LATENCY].notna().any():
+        time_cost = (REL_LATENCY, "mAP50-95 vs latency relative to dense", REL_LATENCY_LABEL, 1.0)
+    elif metric(contract.LATENCY_B1) in points.columns and points[metric(contract.LATENCY_B1)].notna().any():
+        time_cost = (metric(contract.LATENCY_B1), "mAP50-95 vs batch-1 latency", "batch-1 latency (ms; bars: IQR)",
+                     1.0)
+    else:
         time_cost = (metric("ms_inference"), "mAP50-95 vs inference time", "inference (ms/image)", 1.0)
     costs = [time_cost,
-             (metric("params_nonzero"), "mAP50-95 vs non-zero parameters", "non-zero parameters (millions)",
-              1e-6)]
+             (metric("params_nonzero"), "mAP50-95 vs non-zero parameters", "non-zero parameters (millions)", 1e-6),
+             (metric("gflops"), "mAP50-95 vs compute", "GFLOPs per image", 1.0),
+             (metric("size_mb_compressed"), "mAP50-95 vs compressed size", "compressed weights (MB, zstd)", 1.0)]
+    return [c for c in costs if c[0] in points.columns and points[c[0]].notna().any()] or costs[:2]
+
+
+def pareto_figure(points: pd.DataFrame, style: Style, title: str,
+                  page: Optional[tuple[float, float]] = None) -> Figure:
+    """Every run of every model size on one accuracy-vs-cost plot per cost axis (:func:`cost_axes`), one
+    block of panels per timing setting; the Pareto-optimal runs (no run is at most as costly and more
+    accurate) are ringed, joined and labelled model·method·sparsity (``page``: that figure size, larger text)."""
+    points = with_relative_latency(points)
+    costs = cost_axes(points)
     groups = sorted(points["timing_setting"].unique()) if len(points) else ["(no runs)"]
     fs = PAGE_FONT if page is not None else 1.0
-    fig = Figure(figsize=page or (2 * 5.2, 4.0 * len(groups) + 1.3), layout="constrained")
-    axes = fig.subplots(len(groups), len(costs), squeeze=False)
+    ncols = min(2, len(costs))
+    sub_rows = math.ceil(len(costs) / ncols)
+    fig = Figure(figsize=page or (ncols * 5.6, 4.2 * sub_rows * len(groups) + 1.3), layout="constrained")
+    grid = fig.subplots(sub_rows * len(groups), ncols, squeeze=False)
     ycol = metric("mAP50-95")
     recovered = sorted(r for r in points["recover"].unique() if r != "none") if len(points) else []
     for i, g in enumerate(groups):
         sub = points[points["timing_setting"] == g]
+        for k in range(len(costs), sub_rows * ncols):
+            grid[i * sub_rows + k // ncols][k % ncols].set_axis_off()
         for j, (col, t, xlabel, scale) in enumerate(costs):
-            ax = axes[i][j]
+            ax = grid[i * sub_rows + j // ncols][j % ncols]
             d = sub[sub[ycol].notna() & sub[col].notna()] if col in sub.columns else sub.iloc[0:0]
             if d.empty:
                 _no_data(ax, f"no {xlabel}")
@@ -320,6 +363,11 @@ def pareto_figure(points: pd.DataFrame, style: Style, title: str,
                     if col == REL_LATENCY and not math.isnan(r[REL_LATENCY_LO]):  # its noise, both models'
                         ax.errorbar([r[col]], [r[ycol]], xerr=[[r[col] - r[REL_LATENCY_LO]], [r[REL_LATENCY_HI] - r[col]]],
                                     fmt="none", ecolor=c, elinewidth=1.2, capsize=3, zorder=3)
+                    if col == metric(contract.LATENCY_B1):
+                        q1, q3 = (metric(n) for n in contract.latency_quartiles(contract.LATENCY_B1))
+                        if q1 in r.index and not _missing(r[q1]) and not _missing(r[q3]):
+                            ax.errorbar([r[col]], [r[ycol]], xerr=[[max(r[col] - r[q1], 0)], [max(r[q3] - r[col], 0)]],
+                                        fmt="none", ecolor=c, elinewidth=1.0, capsize=2, zorder=3)
                 if col == REL_LATENCY:
                     ax.axvline(1.0, color="0.35", ls=DENSE_LS, lw=1.1, zorder=1)
                 cost, val = d[col].to_numpy(float) * scale, d[ycol].to_numpy(float)
@@ -327,13 +375,12 @@ def pareto_figure(points: pd.DataFrame, style: Style, title: str,
                 fx, fy = cost[f], val[f]
                 ax.plot(fx, fy, color="0.1", lw=1.1, drawstyle="steps-post", zorder=2)
                 ax.plot(fx, fy, ls="none", marker="o", ms=12, mfc="none", mec="0.1", mew=1.0, zorder=4)
-                for k in f:
-                    r = d.iloc[k]
-                    ax.annotate(f"{r['target']:.2f}", (cost[k], val[k]), xytext=(7, -9),
-                                textcoords="offset points", fontsize=7 * fs, color="0.15")
+                for n, k in enumerate(f):  # alternate above / below so neighbours do not overprint
+                    ax.annotate(point_label(d.iloc[k]), (cost[k], val[k]), xytext=(7, -10 if n % 2 else 6),
+                                textcoords="offset points", fontsize=6.5 * fs, color="0.15")
                 if cost.min() > 0 and cost.max() / cost.min() > 20:
                     ax.set_xscale("log")
-                ax.margins(x=0.1, y=0.06)  # room for the front labels
+                ax.margins(x=0.12, y=0.08)  # room for the front labels
             tt = t + (f"\n{g}" if len(groups) > 1 else "")
             ax.set_title(tt, fontsize=10 * fs)
             ax.set_xlabel(xlabel + (" — log scale" if ax.get_xscale() == "log" else ""), fontsize=9 * fs)
@@ -343,7 +390,7 @@ def pareto_figure(points: pd.DataFrame, style: Style, title: str,
     sup = title if len(groups) > 1 else f"{title}{chr(10) if page else ' — '}{groups[0]}"
     fig.suptitle(sup, fontsize=12 * fs)
     extra = [Line2D([], [], color="0.1", lw=1.1, marker="o", mfc="none", ms=10,
-                    label="Pareto front (labels: target sparsity)")]
+                    label="Pareto front, all model sizes (labels: model·method·sparsity)")]
     if recovered:
         extra.append(Line2D([], [], ls="none", marker="o", color="0.25", mfc="white",
                             label=f"hollow: recover={', '.join(recovered)}"))
@@ -397,7 +444,8 @@ def sensitivity_figure(runs: pd.DataFrame, refs: dict[tuple[str, str], DenseRef]
                     light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.55
                     ax.text(b, a, f"{v:.1f}", ha="center", va="center", fontsize=7,
                             color="black" if light else "white")
-        ax.set_xticks(range(len(targets)), [f"{t:.2f}" for t in targets], fontsize=8)
+        ax.set_xticks(range(len(targets)), [contract.sparsity_label(t) for t in targets], fontsize=8,
+                      rotation=45 if len(targets) > 8 else 0)
         ax.set_yticks(range(len(layers)), [l if len(l) <= 32 else l[:31] + "…" for l in layers], fontsize=7.5)
         ax.set_xlabel("target sparsity of the pruned layer", fontsize=9)
         ax.set_ylabel("pruned layer (network order)", fontsize=9)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
+from sweep import contract
 from sweep.contract import parse_run_name
 
 from .common import metric, param, plural
@@ -143,6 +144,7 @@ def normalize(raw: pd.DataFrame) -> pd.DataFrame:
     df["target"] = pd.Series(target, index=df.index, dtype=float)
     if metric("sparsity_target") in df.columns:
         df["target"] = df["target"].fillna(df[metric("sparsity_target")])
+    df["seed"] = [parse_int(v) for v in col(param("prune.seed"))]  # None: not logged (older runs)
     df["include"] = [parse_list(v) for v in col(param("prune.include"))]
     df["exclude"] = [parse_list(v) for v in col(param("prune.exclude"))]
     df["scope"] = [scope_label(i, e) for i, e in zip(df["include"], df["exclude"])]
@@ -178,13 +180,66 @@ def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["outcome"] == "ok"]
 
 
+POINT_KEY = ["setting", "model", "method", "recover", "fused", "scope", "target"]
+
+
 def dedupe(df: pd.DataFrame, by_device: bool = False) -> pd.DataFrame:
-    """One finished run per configuration point (the most recent), for plotting."""
-    key = ["setting", "model", "method", "recover", "fused", "scope", "target"]
-    if by_device:
-        key.append("device")
+    """One finished run per configuration point and ``prune.seed`` (the most recent), for plotting; runs of
+    several seeds are then combined by :func:`aggregate_seeds`."""
+    key = POINT_KEY + ["seed"] + (["device"] if by_device else [])
     d = ok_runs(df).sort_values("start_time", ascending=False, kind="stable")
     return d.drop_duplicates(key, keep="first").sort_index()
+
+
+SEED_MIN, SEED_MAX = "seedmin.", "seedmax."  # prefixes of a column's smallest / largest value over the seeds
+_AVERAGED = ("metrics.", "retention.", "delta.", "dense.")
+
+
+def aggregate_seeds(points: pd.DataFrame, by_device: bool = False) -> pd.DataFrame:
+    """One row per configuration point: runs that differ only by ``prune.seed`` (de-duplicated, one per seed)
+    become their mean, with ``seedmin.<col>`` / ``seedmax.<col>`` (the spread shown: min-max over the seeds,
+    honest for 2-5 seeds where a standard deviation says little), ``n_seeds`` and ``seeds``.
+
+    Every numeric metric, retention and delta column is averaged (bootstrap bounds too: the mean interval of
+    one run); ``x`` (measured sparsity) likewise. A point of one seed keeps its run, ``n_seeds`` 1.
+    """
+    if points.empty:
+        return points.assign(n_seeds=pd.Series(dtype=int), seeds="")
+    key = POINT_KEY + (["device"] if by_device else [])
+    cols = [c for c in points.columns if c.startswith(_AVERAGED) and pd.api.types.is_numeric_dtype(points[c])]
+    rows = []
+    for _, g in points.groupby(key, sort=False, dropna=False):
+        row = g.iloc[0].copy()
+        seeds = sorted({int(s) for s in g["seed"] if not _missing(s)})
+        row["n_seeds"] = len(g)
+        row["seeds"] = ", ".join(map(str, seeds))
+        if len(g) > 1:
+            for c in cols:
+                row[c] = g[c].mean()
+                row[SEED_MIN + c], row[SEED_MAX + c] = g[c].min(), g[c].max()
+            row["x"] = g["x"].mean()
+            row["run_id"] = ",".join(g["run_id"])
+        rows.append(row)
+    return pd.DataFrame(rows).sort_index()
+
+
+def seed_table(points: pd.DataFrame, names: Iterable[str] = ("mAP50-95", "mAP50", "AR100")) -> pd.DataFrame:
+    """The points aggregated over several seeds (:func:`aggregate_seeds`) as strings: mean (min–max) per metric."""
+    multi = points[points.get("n_seeds", pd.Series(1, index=points.index)) > 1] if len(points) else points
+    rows = []
+    for _, r in multi.iterrows():
+        row = {"model": r["model"], "method": r["method"], "recover": r["recover"], "setting": r["setting"],
+               "target": contract.sparsity_label(r["target"]), "seeds": f"{int(r['n_seeds'])} ({r['seeds']})"}
+        for n in names:
+            c = metric(n)
+            row[n] = (f"{r[c]:.3f} ({r[SEED_MIN + c]:.3f}–{r[SEED_MAX + c]:.3f})"
+                      if c in r.index and not _missing(r[c]) and SEED_MIN + c in r.index else "—")
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["model", "method", "recover", "setting", "target", "seeds", *names])
+    for c in ("recover", "setting"):
+        if table[c].nunique(dropna=False) <= 1:
+            table = table.drop(columns=c)
+    return table
 
 
 # ---------------------------------------------------------------- dense references
@@ -248,6 +303,62 @@ def add_dense_columns(df: pd.DataFrame, refs: dict[tuple[str, str], DenseRef],
     return df
 
 
+# ---------------------------------------------------------------- cross-size Pareto: best run under a budget
+
+# the absolute cost axes a budget is read on: (metric, what, scale, unit)
+BUDGET_COSTS = (("params_nonzero", "non-zero parameters", 1e-6, " M"), ("gflops", "GFLOPs", 1.0, ""),
+                (contract.LATENCY_B1, "batch-1 latency", 1.0, " ms"),
+                ("size_mb_compressed", "compressed size (zstd)", 1.0, " MB"))
+BUDGET_COLUMNS = ["setting", "cost", "budget: a dense run", "best run within it", "its cost", "mAP50-95",
+                  "dense mAP50-95", "gain"]
+
+
+def point_label(r: pd.Series) -> str:
+    """``yolov5m·l1_unstructured·0.30`` (``·bn`` when recovered, ``·3 seeds`` for a mean over seeds)."""
+    label = f"{r['model']}·{r['method']}·{contract.sparsity_label(r['target'])}"
+    if r.get("recover", "none") != "none":
+        label += f"·{r['recover']}"
+    n = r.get("n_seeds", 1)
+    if not _missing(n) and n > 1:
+        label += f"·{int(n)} seeds"
+    return label
+
+
+def budget_table(points: pd.DataFrame, value: str = "mAP50-95", group: str = "timing_setting") -> pd.DataFrame:
+    """For each cost axis and each model's dense run: the most accurate run of any model whose cost is at most
+    that dense run's (ties: the cheaper) — "is pruned yolov5m better than dense yolov5s at its cost?".
+
+    ``points``: finished, de-duplicated (seed-aggregated) runs of every model; runs are compared only within
+    one ``group`` (the timing setting: same data, image size, precision and device). Strings, one row per
+    (group, cost, dense run); the group column is dropped when there is one.
+    """
+    v = metric(value)
+    rows = []
+    if points.empty or v not in points.columns:
+        return pd.DataFrame(columns=BUDGET_COLUMNS)
+    for g, sub in points.groupby(group, sort=True):
+        dense = sub[sub["is_dense"] & sub[v].notna()].sort_values("model_key", kind="stable")
+        for name, what, scale, unit in BUDGET_COSTS:
+            c = metric(name)
+            if c not in sub.columns:
+                continue
+            cand = sub[sub[c].notna() & sub[v].notna()]
+            for _, d in dense.iterrows():
+                if _missing(d[c]):
+                    continue
+                under = cand[cand[c] <= d[c] * (1 + 1e-9)]
+                best = under.sort_values([v, c], ascending=[False, True], kind="stable").iloc[0]
+                rows.append({"setting": g, "cost": what,
+                             "budget: a dense run": f"{d['model']}: {d[c] * scale:.4g}{unit}",
+                             "best run within it": point_label(best), "its cost": f"{best[c] * scale:.4g}{unit}",
+                             "mAP50-95": f"{best[v]:.3f}", "dense mAP50-95": f"{d[v]:.3f}",
+                             "gain": f"{best[v] - d[v]:+.3f}"})
+    table = pd.DataFrame(rows, columns=BUDGET_COLUMNS)
+    if table["setting"].nunique() <= 1:
+        table = table.drop(columns="setting")
+    return table
+
+
 # ---------------------------------------------------------------- results.csv
 
 def results_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -267,7 +378,7 @@ def results_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- results.md / summary table
 
-SUMMARY_COLUMNS = ["model", "method", "recover", "setting", "scope", "target", "measured", "mAP50-95",
+SUMMARY_COLUMNS = ["model", "method", "recover", "setting", "scope", "target", "seed", "measured", "mAP50-95",
                    "Δ vs dense", "mAP50", "AR100", "ms/image", "GFLOPs", "status"]
 
 
@@ -307,7 +418,8 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "model": r["model"], "method": r["method"], "recover": r["recover"], "setting": r["setting"],
             "scope": r["scope"],
-            "target": _fmt(r["target"], ".2f"),
+            "target": contract.sparsity_label(r["target"]) if not _missing(r["target"]) else "—",
+            "seed": "—" if _missing(r.get("seed")) else str(int(r["seed"])),
             "measured": _fmt(measured, ".3f") if ok else "—",
             "mAP50-95": _fmt(_get(r, "mAP50-95"), ".3f") if ok else "—",
             "Δ vs dense": d,
@@ -321,6 +433,8 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     for c in ("recover", "setting", "scope"):
         if c in df.columns and df[c].nunique(dropna=False) <= 1:
             table = table.drop(columns=c)
+    if "seed" not in df.columns or df.loc[~df["is_dense"], "seed"].nunique() <= 1:  # dense runs ignore the seed
+        table = table.drop(columns="seed")
     return table
 
 
