@@ -107,9 +107,11 @@ class Store:
             recover: str = "none", data: str = "coco-val128", imgsz: int = 640, half: bool = False,
             include: list[str] | None = None, status: str = "FINISHED", drop: tuple[str, ...] = (),
             device: str = "Intel Xeon CPU", batch: int = 32, params_logged: bool = True,
-            weights: str | None = None, limit: int | None = None, extra: dict | None = None, seed: int = 0) -> str:
+            weights: str | None = None, limit: int | None = None, extra: dict | None = None, seed: int = 0,
+            recover_params: dict | None = None) -> str:
         include = include or []
-        tags = {"sweep_id": sweep_id, "sweep.role": "job", "config_hash": f"h{hash((model, method, s, recover, imgsz, half, tuple(include), seed)) & 0xffffffff:08x}",
+        budget = tuple(sorted((recover_params or {}).items()))
+        tags = {"sweep_id": sweep_id, "sweep.role": "job", "config_hash": f"h{hash((model, method, s, recover, imgsz, half, tuple(include), seed, budget)) & 0xffffffff:08x}",
                 "git_commit": "0123456789abcdef0123456789abcdef01234567", "device_name": device}
         if pid:
             tags["mlflow.parentRunId"] = pid
@@ -124,6 +126,7 @@ class Store:
             params["prune.fused"] = "False"
         params["model.weights"] = weights or f"/cache/weights/{model}.pt"
         params["data.limit"] = str(limit)  # the flattened config logs None as "None"
+        params.update(recover_params or {})
         metrics = []
         if status == "FINISHED":
             layer = int(include[0].split(".")[1]) if include else None
@@ -388,7 +391,7 @@ def test_recover_side_by_side(tmp_path, empty_db):
         grid(models=("yolov5n",), methods=("l1_unstructured",), sparsities=(0.3, 0.5, 0.7), recover="bn")
     st.sweep("rec", jobs)
     out = build_report(st.uri, EXP, out_root=tmp_path / "r")
-    assert pdf_pages(out / "report.pdf") == 6
+    assert pdf_pages(out / "report.pdf") == 7  # + recovery.png
     norm = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs))
     fig = F.curve_figure(T.dedupe(norm), T.dense_refs(norm),
                          [F.metric_panel("mAP50-95", "mAP50-95", "mAP50-95"), F.metric_panel("AR100", "AR100", "AR100")],
@@ -397,6 +400,38 @@ def test_recover_side_by_side(tmp_path, empty_db):
     assert titles == ["mAP50-95 · recover=none", "mAP50-95 · recover=bn", "AR100 · recover=none",
                       "AR100 · recover=bn"]
     assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()  # comparable side by side
+
+
+def test_recovery_view_keeps_finetune_budgets_apart_and_plots_accuracy_against_the_budget(tmp_path, empty_db):
+    """Fine-tunes of different budgets were one point (the most recent hid the other); the report now labels
+    each budget and draws what recovery buys: accuracy vs sparsity per recovery, accuracy vs iterations."""
+    st = Store(tmp_path, empty_db)
+    base = dict(model="yolov5n", method="l1_unstructured")
+    jobs = grid(models=("yolov5n",), methods=("l1_unstructured",), sparsities=(0.0, 0.3, 0.5))
+    jobs += grid(models=("yolov5n",), methods=("l1_unstructured",), sparsities=(0.3, 0.5), recover="bn",
+                 extra={"recover_iters": 0.0})
+    bn = {s: job_metrics("yolov5n", "l1_unstructured", s, recover="bn")["mAP50-95"] for s in (0.3, 0.5)}
+    for iters, gain in ((8, 0.01), (40, 0.03)):
+        jobs += [dict(base, s=s, recover="finetune", recover_params={"recover.iters": str(iters), "recover.epochs": "1"},
+                      extra={"recover_iters": float(iters), "mAP50-95": bn[s] + gain}) for s in (0.3, 0.5)]
+    st.sweep("ft", jobs)
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    assert png_ok(out / "recovery.png")
+    norm = T.normalize(Q.runs_frame(Q.select_runs(st.uri, EXP).runs))
+    points = T.aggregate_seeds(T.dedupe(norm))
+    assert sorted(set(points["recover"]), key=T.recover_sort_key) == ["none", "bn", "finetune 8 it", "finetune 40 it"]
+    fig = F.recovery_figure(points, T.dense_refs(norm), "t")
+    by_recovery, by_budget = fig.axes[:2]
+    assert "accuracy by recovery" in by_recovery.get_title() and "fine-tune budget" in by_budget.get_title()
+    assert [l.get_label() for l in by_recovery.get_lines()][:4] == [  # the test store's none runs are fused
+        "none (fused)", "bn (unfused)", "finetune 8 it (unfused)", "finetune 40 it (unfused)"]
+    curves = {l.get_label(): (list(l.get_xdata()), list(l.get_ydata())) for l in by_budget.get_lines()
+              if l.get_label().startswith("sparsity")}
+    assert sorted(curves) == ["sparsity 0.30", "sparsity 0.50"]
+    for s in (0.3, 0.5):
+        xs, ys = curves[f"sparsity {s:.2f}"]
+        assert xs == [0.0, 8.0, 40.0]
+        assert ys == pytest.approx([bn[s], bn[s] + 0.01, bn[s] + 0.03])
 
 
 def test_sensitivity_heatmap(tmp_path, empty_db):

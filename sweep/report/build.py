@@ -288,6 +288,8 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
             p, style, f"Accuracy vs cost, every model size on one front · {label}", page=page))
         if len(sens):
             figs["sensitivity.png"] = F.sensitivity_figure(sens, refs, f"Per-layer sensitivity · {label}", page=page)
+        if curve_points[~curve_points["is_dense"]]["recover"].nunique() > 1:  # the question: what recovery buys
+            figs["recovery.png"] = F.recovery_figure(curve_points, refs, f"What recovery buys · {label}", page=page)
         return figs
 
     figs = make()

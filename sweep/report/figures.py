@@ -24,7 +24,8 @@ from matplotlib.patches import Patch
 from sweep import contract
 
 from .common import metric
-from .tables import SEED_MAX, SEED_MIN, DenseRef, _missing, layer_index, model_sort_key, point_label
+from .tables import (SEED_MAX, SEED_MIN, DenseRef, _missing, layer_index, model_sort_key, point_label,
+                     recover_sort_key)
 
 SIZE_COLOURS = {"n": "#1f77b4", "s": "#ff7f0e", "m": "#2ca02c", "l": "#d62728", "x": "#9467bd"}
 EXTRA_COLOURS = ["#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939",
@@ -156,7 +157,7 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
     groups = sorted(set(points[group_col]) | {g for _, g in refs})
     recs: list[Optional[str]] = [None]
     if facet_recover and points["recover"].nunique() > 1:
-        recs = sorted(points["recover"].unique(), key=lambda r: (r != "none", r))
+        recs = sorted(points["recover"].unique(), key=recover_sort_key)
     cols = [(p, r) for p in panels for r in recs]
     # wrap long rows (keeping the recover variants of one metric together): at most ~3 metrics a row
     per_row = min(len(recs) * (MAX_COLS if len(recs) == 1 else max(1, 4 // len(recs))), len(cols))
@@ -395,6 +396,90 @@ def pareto_figure(points: pd.DataFrame, style: Style, title: str,
         extra.append(Line2D([], [], ls="none", marker="o", color="0.25", mfc="white",
                             label=f"hollow: recover={', '.join(recovered)}"))
     _legend(fig, style, points["model"], points["method"], [], False, extra, fs=fs)
+    return fig
+
+
+RECOVERY_COLOURS = {"none": "0.55", "bn": "#1f77b4"}
+FINETUNE_CMAP = "Greens"
+
+
+def recovery_colours(labels) -> dict[str, object]:
+    """none grey, bn blue, fine-tune budgets in greens that darken with the budget."""
+    from matplotlib import colormaps
+
+    ft = sorted((r for r in set(labels) if r not in RECOVERY_COLOURS), key=recover_sort_key)
+    cmap = colormaps[FINETUNE_CMAP]
+    out: dict[str, object] = {r: c for r, c in RECOVERY_COLOURS.items() if r in set(labels)}
+    out |= {r: cmap(0.45 + 0.5 * (i + 1) / len(ft)) for i, r in enumerate(ft)}
+    return out
+
+
+def recovery_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], title: str,
+                    page: Optional[tuple[float, float]] = None) -> Figure:
+    """What recovery buys, one row per (setting, model, pruning method): mAP50-95 versus measured sparsity,
+    one line per recovery (none, bn, each fine-tune budget) with the dense value dashed; and, when
+    fine-tuning ran, mAP50-95 versus the fine-tune iterations actually run, one line per sparsity, starting
+    at BatchNorm recalibration alone (0 iterations, when that ran too).
+
+    ``points``: finished, de-duplicated (seed-averaged) runs; ``refs``: dense references by (model, setting).
+    """
+    ycol, xcol, iters = metric("mAP50-95"), "x", metric("recover_iters")
+    pruned = points[~points["is_dense"]]
+    combos = sorted(pruned.groupby(["setting", "model", "method"], sort=False).groups,
+                    key=lambda k: (k[0], model_sort_key(k[1]), k[2]))
+    has_ft = (pruned["recover"].str.startswith("finetune")).any()
+    ncols = 2 if has_ft else 1
+    fs = PAGE_FONT if page is not None else 1.0
+    fig = Figure(figsize=page or (5.4 * ncols, 3.6 * max(len(combos), 1) + 1.0), layout="constrained")
+    axes = fig.subplots(max(len(combos), 1), ncols, squeeze=False)
+    colours = recovery_colours(pruned["recover"])
+    for row, (setting, model, method) in enumerate(combos):
+        d = pruned[(pruned["setting"] == setting) & (pruned["model"] == model) & (pruned["method"] == method)]
+        ax = axes[row][0]
+        # recovery needs the unfused order; a fused no-recovery line is still the baseline users compare with
+        two_orders = d["fused"].nunique() > 1
+        for (rec, fused), line in sorted(d.groupby(["recover", "fused"]), key=lambda kv: recover_sort_key(kv[0][0])):
+            line = line.sort_values(xcol)
+            label = rec + ((" (fused)" if str(fused) == "True" else " (unfused)") if two_orders else "")
+            ax.plot(line[xcol], line[ycol], marker="o", ms=5, lw=1.6, color=colours[rec], label=label,
+                    ls="-" if str(fused) != "True" or not two_orders else "--")
+        ref = refs.get((model, setting))
+        if ref is not None and not math.isnan(ref.get("mAP50-95")):
+            ax.axhline(ref.get("mAP50-95"), color="0.2", ls=DENSE_LS, lw=1.1)
+        where = f"{model} · {method}"
+        ax.set_title(f"{where}: accuracy by recovery" + (f"\n{setting}" if len(set(k[0] for k in combos)) > 1
+                                                          else ""), fontsize=10 * fs)
+        ax.set_xlabel(X_LABEL, fontsize=9 * fs)
+        ax.set_ylabel("mAP50-95", fontsize=9 * fs)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8 * fs)
+        ax.legend(fontsize=7.5 * fs, frameon=False)
+        if not has_ft:
+            continue
+        ax = axes[row][1]
+        ft = d[d["recover"].str.startswith("finetune") & (d[iters].notna() if iters in d.columns else False)]
+        base = d[d["recover"] == "bn"].assign(**{iters: 0.0}) if iters in d.columns else d.iloc[0:0]
+        budget = pd.concat([base, ft]) if len(ft) else ft
+        if budget.empty:
+            _no_data(ax, "no fine-tune iterations logged")
+        for target in sorted(budget["target"].unique()):
+            line = budget[budget["target"] == target].sort_values(iters)
+            ax.plot(line[iters], line[ycol], marker="o", ms=5, lw=1.6,
+                    label=f"sparsity {contract.sparsity_label(target)}")
+        if ref is not None and not math.isnan(ref.get("mAP50-95")):
+            ax.axhline(ref.get("mAP50-95"), color="0.2", ls=DENSE_LS, lw=1.1)
+        ax.set_title(f"{where}: accuracy vs fine-tune budget", fontsize=10 * fs)
+        ax.set_xlabel("fine-tune iterations run (0: BatchNorm recalibration only)", fontsize=9 * fs)
+        ax.set_ylabel("mAP50-95", fontsize=9 * fs)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8 * fs)
+        if len(budget):
+            ax.legend(fontsize=7.5 * fs, frameon=False)
+    if not combos:
+        _no_data(axes[0][0], "no pruned runs")
+    fig.suptitle(title, fontsize=12 * fs)
+    fig.legend(handles=[Line2D([], [], color="0.2", ls=DENSE_LS, lw=1.1, label="dense (sparsity 0)")],
+               loc="outside lower center", frameon=False, fontsize=8.5 * fs)
     return fig
 
 

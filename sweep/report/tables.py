@@ -116,6 +116,26 @@ def data_label(name: Any, limit: Any) -> str:
     return label
 
 
+def recover_label(method: Any, epochs: Any, iters: Any) -> str:
+    """The recovery with its budget: ``none``, ``bn``, ``finetune 3 ep`` or ``finetune 300 it`` (``recover.iters``
+    caps the epochs): fine-tunes of different budgets are different points, never merged."""
+    method = "none" if _missing(method) else str(method)
+    if method != "finetune":
+        return method
+    n_iters, n_epochs = parse_int(iters), parse_int(epochs)
+    if n_iters is not None:
+        return f"finetune {n_iters} it"
+    return f"finetune {n_epochs if n_epochs is not None else '?'} ep"
+
+
+def recover_sort_key(label: str) -> tuple:
+    """none < bn < finetune budgets by size (iterations as written; epochs after iterations)."""
+    m = re.match(r"^finetune (\d+|\?) (it|ep)$", label)
+    if m:
+        return (2, m.group(2) == "ep", int(m.group(1)) if m.group(1).isdigit() else 0)
+    return ({"none": 0, "bn": 1}.get(label, 3), False, 0, label)
+
+
 def precision_label(half: Optional[bool]) -> str:
     return {True: "FP16", False: "FP32"}.get(half, "auto precision")
 
@@ -135,8 +155,10 @@ def normalize(raw: pd.DataFrame) -> pd.DataFrame:
     df["model"] = [model_label(m, w) for m, w in zip(df["model_name"], col(param("model.weights")))]
     df["method"] = [p if not _missing(p) else (n.method if n else "?")
                     for p, n in zip(col(param("prune.method")), names)]
-    df["recover"] = [str(v) if not _missing(v) else (n.recover if n else "none")
-                     for v, n in zip(col(param("recover.method")), names)]
+    df["recover_method"] = [str(v) if not _missing(v) else (n.recover if n else "none")
+                            for v, n in zip(col(param("recover.method")), names)]
+    df["recover"] = [recover_label(m, e, i) for m, e, i in
+                     zip(df["recover_method"], col(param("recover.epochs")), col(param("recover.iters")))]
     df["fused"] = [str(v) if not _missing(v) else (str(n.fused) if n else "?")
                    for v, n in zip(col(param("prune.fused")), names)]
     target = [parse_float(p) if not _missing(p) else (n.sparsity if n else float("nan"))
@@ -170,7 +192,7 @@ def normalize(raw: pd.DataFrame) -> pd.DataFrame:
     df["x"] = measured.fillna(df["target"]) * 100.0
     df["is_dense"] = df["target"].fillna(-1.0) == 0.0
     df["model_key"] = df["model"].map(model_sort_key)
-    df["recover_key"] = [(r != "none", r) for r in df["recover"]]
+    df["recover_key"] = [recover_sort_key(r) for r in df["recover"]]
     df = df.sort_values(["setting", "model_key", "method", "recover_key", "scope", "target", "start_time"],
                         kind="stable").reset_index(drop=True)
     return df
