@@ -813,3 +813,17 @@ def test_high_compression_grid_points_name_parse_and_label(tmp_path, empty_db):
     md = (out / "results.md").read_text()
     assert "| 0.9375 |" in md and "| 0.96875 |" in md
     png_ok(out / "accuracy_vs_sparsity.png")
+
+
+def test_onnx_runtime_panels_say_median_without_an_iqr_they_do_not_have(tmp_path, empty_db):
+    """Regression: ONNX Runtime's latency panels were titled 'bars, band: IQR', but only medians are logged."""
+    st = Store(tmp_path, empty_db)
+    jobs = [dict(j, extra={contract.ORT_LATENCY_B1: 40.0 * (1 - 0.3 * j["s"]), "latency_b1_ms_q1": 60.0,
+                           "latency_b1_ms_q3": 70.0})
+            for j in grid(models=("yolov5n",), methods=("l1_unstructured",))]
+    st.sweep("ort", jobs)
+    out = build_report(st.uri, EXP, out_root=tmp_path / "r")
+    text = " ".join(" ".join(page.split()) for page in _pdf_text(out / "report.pdf"))
+    assert "ONNX Runtime latency, batch 1 (median)" in text
+    assert "ONNX Runtime latency, batch 1 (median; bars" not in text
+    assert "Latency, batch 1 (median; bars, band: IQR)" in text  # PyTorch's has its quartiles

@@ -261,7 +261,8 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
                          "prune=channel removes channels, and with them time.")
     for name, title, ylabel in latency:
         if metric(name) in df.columns and df[metric(name)].notna().any():
-            speed.append(F.latency_panel(name, title, ylabel))
+            q1 = metric(contract.latency_quartiles(name)[0])  # ONNX Runtime's medians come without quartiles
+            speed.append(F.latency_panel(name, title, ylabel, quartiles=q1 in df.columns and df[q1].notna().any()))
     # cost does not depend on recovery: one curve per (model, method), the unrecovered run preferred
     speed_points = curve_points_t.sort_values("recover_key", kind="stable").drop_duplicates(
         ["timing_setting", "model", "method", "fused", "scope", "target"]).sort_index()

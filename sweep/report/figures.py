@@ -102,8 +102,11 @@ class Panel:
     spread: Optional[tuple[str, str]] = None  # metric names of the low/high spread (error bars, dense band)
 
 
-def latency_panel(name: str, title: str, ylabel: str) -> Panel:
-    """A latency median with its interquartile range as error bars (and as a band around the dense line)."""
+def latency_panel(name: str, title: str, ylabel: str, quartiles: bool = True) -> Panel:
+    """A latency median with its interquartile range as error bars (and as a band around the dense line);
+    ``quartiles=False`` for a median logged without them (ONNX Runtime's)."""
+    if not quartiles:
+        return Panel(metric(name), title + " (median)", ylabel, dense=lambda r, n=name: r.get(n), from_zero=True)
     return Panel(metric(name), title + " (median; bars, band: IQR)", ylabel, dense=lambda r, n=name: r.get(n),
                  from_zero=True, spread=contract.latency_quartiles(name))
 
