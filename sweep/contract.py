@@ -55,6 +55,9 @@ def latency_batch_of(metric: str) -> int | None:
 
 
 # ONNX Runtime latency (eval.runtimes contains onnxruntime): same inputs and units as the PyTorch ones
+LAYER_PROFILE_CSV = "layer_profile.csv"   # eval.profile: per-layer ms of the model and its dense reference
+PROFILE_MS_B1 = "profile_ms_b1"            # eval.profile: the summed per-layer ms (marks runs with a profile)
+PROFILE_DENSE_MS_B1 = "profile_dense_ms_b1"
 ORT_LATENCY_B1 = "ort_latency_b1_ms"
 _ORT_LATENCY_BATCH = re.compile(r"^ort_latency_b(?P<batch>\d+)_ms_per_image$")
 ORT_LATENCY_DENSE_B1 = "ort_latency_dense_b1_ms"  # the dense model, timed alternately with the pruned one

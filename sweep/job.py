@@ -40,7 +40,7 @@ from sweep.evaluate import CocoEvaluator, CocoResult, LoopResult, gc_paused, mea
 from sweep.evaluate.latency import measure_latency_pair
 from sweep.evaluate.timing import Stopwatch
 from sweep.memo import EvalData, ProcessMemo
-from sweep.export import onnx_runtime_latency
+from sweep.export import layer_time_table, onnx_runtime_latency
 from sweep.model import ArtifactFiles, CheckpointError, LoadedCheckpoint, artifact_sizes, fuse, load_artifact, \
     save_artifact
 from sweep.prune import PRUNERS, accounting, select_convs
@@ -254,6 +254,15 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
             with sw.stage("latency"):
                 dense = memo.dense_model(spec.model.sha256, ckpt.model, device, ev.half) if spec.sparsity else None
                 lat = latency(model, ev, device, dense)
+        if ev.profile:
+            log.info("profiling per-layer time (torch.profiler, batch 1)%s...", ", and the dense model" if spec.sparsity else "")
+            with sw.stage("profile"):
+                dense = memo.dense_model(spec.model.sha256, ckpt.model, device, ev.half) if spec.sparsity else None
+                table = layer_time_table(model, dense, imgsz=ev.imgsz, device=device, half=ev.half)
+            table.to_csv(out / contract.LAYER_PROFILE_CSV, index=False)
+            files.append(out / contract.LAYER_PROFILE_CSV)
+            lat |= {contract.PROFILE_MS_B1: float(table["ms"].sum()),
+                    contract.PROFILE_DENSE_MS_B1: float(table["dense_ms"].sum())}
     if spec.prune.save or "onnxruntime" in ev.runtimes:
         dense = memo.dense_model(spec.model.sha256, ckpt.model) if spec.sparsity else None  # FP32, as exported
         deployed, deployed_files = save_and_deploy(model, dense, spec, device, out, sw)

@@ -108,3 +108,25 @@ def test_layer_profile_attributes_time_to_every_layer(v5n_fused, v5n_channel):
     assert list(dense["layer"]) == list(range(len(v5n_fused.model))) and (dense["cpu_ms"] > 0).all()
     assert dense["share"].sum() == pytest.approx(1.0)
     assert pruned.loc[0, "out_channels"] < dense.loc[0, "out_channels"]  # the pruned widths are listed
+
+
+def test_eval_profile_writes_where_the_time_goes_and_the_report_draws_it(tmp_path, assets):
+    """eval.profile=true: the job's layer_profile.csv holds every layer of the pruned model beside the dense one
+    (same input, same process) and the report draws layer_time.png from the runs' artifacts."""
+    import pandas as pd
+
+    from sweep.report import build_report
+
+    out = tmp_path / "outputs"
+    cfg = make_cfg(out, "model=yolov5n", "data=coco-val128", "data.limit=4", f"eval.imgsz={IMGSZ}",
+                   "eval.latency=false", "prune=channel", "sparsity=0.5", "eval.profile=true")
+    m = run_job(cfg, JobContext(tmp_path / "job"), ProcessMemo()).metrics
+    table = pd.read_csv(tmp_path / "job" / contract.LAYER_PROFILE_CSV)
+    assert len(table) == 25 and (table["ms"] > 0).all() and (table["dense_ms"] > 0).all()
+    assert m[contract.PROFILE_MS_B1] == pytest.approx(table["ms"].sum())
+    assert m[contract.PROFILE_DENSE_MS_B1] == pytest.approx(table["dense_ms"].sum())
+    assert (table.loc[0:9, "out_channels"] < table.loc[0:9, "dense_out_channels"]).all()  # the pruned widths
+    detect = table.iloc[-1]
+    assert detect["type"] == "Detect" and detect["params"] < detect["dense_params"]  # inputs shrank, outputs kept
+    report = build_report(f"sqlite:///{out / 'mlflow.db'}", "yolov5-sparsity", sweep="all", out_root=tmp_path / "reports")
+    assert (report / "layer_time.png").stat().st_size > 10_000

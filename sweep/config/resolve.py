@@ -370,7 +370,8 @@ def semantic_config(c: Mapping[str, Any], weights_sha256: str, device: torch.dev
         "eval": {k: e[k] for k in ("imgsz", "batch", "conf", "iou", "max_det")} | {"device": device.type, "half": half}
         # the runtimes decide which figures a run has: asking for ONNX Runtime re-runs a point evaluated without
         # it (left out at the default, so the hashes of earlier runs stay the same)
-        | ({"runtimes": list(e["runtimes"])} if list(e["runtimes"]) != ["torch"] else {}),
+        | ({"runtimes": list(e["runtimes"])} if list(e["runtimes"]) != ["torch"] else {})
+        | ({"profile": True} if e.get("profile") else {}),  # the same rule: a profile asked for is measured
     }
 
 
@@ -463,7 +464,8 @@ def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
     evaluation = EvalSpec(int(imgsz), int(e["batch"]), float(e["conf"]), float(e["iou"]), int(e["max_det"]),
                           str(device), half, str(e["backend"]), int(e["workers"]), bool(e["save_json"]),
                           bool(e["latency"]), int(e["latency_iters"]), bool(e["progress"]),
-                          preprocessed_dir(c["paths"]["preprocessed"]), tuple(e["runtimes"]), int(e["bootstrap"]))
+                          preprocessed_dir(c["paths"]["preprocessed"]), tuple(e["runtimes"]), int(e["bootstrap"]),
+                          bool(e["profile"]))
     eval_data = memo.eval_data(data, evaluation, stride, ckpt.names, model.weights)  # scans every label now
     memo.calibration(recover, evaluation, eval_data.files, device, ckpt.names)  # refuses evaluation images now
 

@@ -121,6 +121,9 @@ class EvalConfig:
     # runtimes timed: torch (the latency above), onnxruntime (ONNX export of the evaluated model,
     # checked against PyTorch's outputs, timed at batch 1 and `eval.batch`; docs/deploy.md)
     runtimes: list[str] = field(default_factory=lambda: ["torch"])
+    # where the time goes: torch.profiler's per-layer milliseconds of the evaluated model and of its dense
+    # reference at batch 1 (layer_profile.csv, the report's layer_time.png); opt-in, ~10 forward passes more
+    profile: bool = False
     progress: bool = True
     # keep freed host memory for reuse (glibc mallopt): CPU forward passes stop page-faulting their
     # activations; the process keeps its peak memory (docs/benchmarks.md). Applied once per process.

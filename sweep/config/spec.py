@@ -90,6 +90,7 @@ class EvalSpec:
     preprocessed: Path | None = None  # on-disk decoded-batch cache folder, None: decode every time
     runtimes: tuple[str, ...] = ("torch",)  # latency measured in: torch, onnxruntime
     bootstrap: int = 0        # image resamples for the COCO numbers' confidence intervals, 0: none
+    profile: bool = False     # per-layer time breakdown (torch.profiler) of the model and its dense reference
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,32 @@ def layer_profile(model: nn.Module, *, imgsz: int, batch: int = 1, device: torch
     col = "device_ms" if device.type == "cuda" and df["device_ms"].sum() > 0 else "cpu_ms"
     df["share"] = df[col] / max(df[col].sum(), 1e-12)
     return df
+
+
+def layer_time_table(model: nn.Module, dense: nn.Module | None, *, imgsz: int, device: torch.device | str = "cpu",
+                     half: bool = False, iters: int = 5) -> pd.DataFrame:
+    """Where the time goes, the evaluated model beside its dense reference (same device, precision, input).
+
+    One row per top-level layer: ``layer``, ``type``, ``out_channels`` / ``dense_out_channels``, ``params`` /
+    ``dense_params``, ``ms`` / ``dense_ms`` (per batch-1 forward pass, the median of ``iters`` passes timed
+    alternately with the dense model: kernel time on CUDA, else CPU time) and ``speedup`` (dense_ms / ms). ``dense`` None (a dense job): the dense columns repeat the model's own.
+    Channel pruning shows here which layers got faster and which (the Detect head, kept whole; the
+    concatenations and upsampling, no weights) did not.
+    """
+    col = "device_ms" if torch.device(device).type == "cuda" else "cpu_ms"
+    # alternated, one pass each per round, median per layer: the two models see the same machine load
+    # (as the latency's dense reference is timed), so a busy machine does not show as a speed-up or a loss
+    mine_runs, ref_runs = [], []
+    for r in range(max(1, iters)):
+        mine_runs.append(layer_profile(model, imgsz=imgsz, device=device, half=half, iters=1, warmup=int(r == 0)))
+        if dense is not None:
+            ref_runs.append(layer_profile(dense, imgsz=imgsz, device=device, half=half, iters=1, warmup=int(r == 0)))
+    mine = mine_runs[0]
+    ref = ref_runs[0] if ref_runs else mine
+    ms = pd.concat([t[col] for t in mine_runs], axis=1).median(axis=1)
+    dense_ms = pd.concat([t[col] for t in ref_runs], axis=1).median(axis=1) if ref_runs else ms
+    out = pd.DataFrame({"layer": mine["layer"], "type": mine["type"],
+                        "out_channels": mine["out_channels"], "dense_out_channels": ref["out_channels"],
+                        "params": mine["params"], "dense_params": ref["params"], "ms": ms, "dense_ms": dense_ms})
+    out["speedup"] = out["dense_ms"] / out["ms"].where(out["ms"] > 0)
+    return out

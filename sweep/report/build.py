@@ -267,6 +267,19 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     speed_points = curve_points_t.sort_values("recover_key", kind="stable").drop_duplicates(
         ["timing_setting", "model", "method", "fused", "scope", "target"]).sort_index()
 
+    # eval.profile: where the time goes, for the most pruned profiled run of each model and method (at most 4)
+    profiles: list[tuple[str, pd.DataFrame]] = []
+    prof_col = metric(contract.PROFILE_MS_B1)
+    if prof_col in ok.columns:
+        profiled = T.dedupe(ok[ok[prof_col].notna()])
+        pruned_p = profiled[~profiled["is_dense"]]
+        chosen = (pruned_p if len(pruned_p) else profiled).sort_values("target").groupby(
+            ["model", "method"], sort=False).tail(1).head(4)
+        for _, r in chosen.iterrows():
+            table = Q.read_artifact_csv(sel, r["run_id"], contract.LAYER_PROFILE_CSV)
+            if table is not None and {"ms", "dense_ms", "layer", "type"} <= set(table.columns):
+                profiles.append((T.point_label(r), table))
+
     def make(page=None) -> dict[str, object]:
         """The figures: one each for the PNGs (page None); for the PDF, A4 pages, one per setting."""
         def per_group(frame, refs_, col, fn):
@@ -289,6 +302,8 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
             p, style, f"Accuracy vs cost, every model size on one front · {label}", page=page))
         if len(sens):
             figs["sensitivity.png"] = F.sensitivity_figure(sens, refs, f"Per-layer sensitivity · {label}", page=page)
+        if profiles:
+            figs["layer_time.png"] = F.layer_time_figure(profiles, f"Where the time goes (batch 1) · {label}", page=page)
         if curve_points[~curve_points["is_dense"]]["recover"].nunique() > 1:  # the question: what recovery buys
             figs["recovery.png"] = F.recovery_figure(curve_points, refs, f"What recovery buys · {label}", page=page)
         return figs

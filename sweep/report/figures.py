@@ -486,6 +486,43 @@ def recovery_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef],
     return fig
 
 
+def layer_time_figure(profiles: list[tuple[str, pd.DataFrame]], title: str,
+                      page: Optional[tuple[float, float]] = None) -> Figure:
+    """Where the time goes (``eval.profile``): per top-level layer, the batch-1 milliseconds of the dense model
+    (grey) and of the pruned one (coloured), one panel per profiled run; the title gives the totals.
+
+    ``profiles``: (run label, ``sweep.export.profile.layer_time_table`` frame) pairs.
+    """
+    fs = PAGE_FONT if page is not None else 1.0
+    n = max(len(profiles), 1)
+    ncols = 1 if n == 1 else 2
+    nrows = math.ceil(n / ncols)
+    layers = max((len(t) for _, t in profiles), default=1)
+    fig = Figure(figsize=page or (6.4 * ncols, (0.2 * layers + 1.4) * nrows + 0.8), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for k in range(len(profiles), nrows * ncols):
+        axes[k // ncols][k % ncols].set_axis_off()
+    for k, (label, t) in enumerate(profiles):
+        ax = axes[k // ncols][k % ncols]
+        y = np.arange(len(t))
+        ax.barh(y - 0.2, t["dense_ms"], height=0.4, color="0.7", label="dense")
+        ax.barh(y + 0.2, t["ms"], height=0.4, color="#d62728", label="pruned")
+        ax.set_yticks(y, [f"{int(r.layer)} {r.type}" for r in t.itertuples()], fontsize=6.5 * fs)
+        ax.invert_yaxis()
+        dense, mine = float(t["dense_ms"].sum()), float(t["ms"].sum())
+        ax.set_title(f"{label}\n{dense:.1f} ms dense -> {mine:.1f} ms ({dense / mine:.2f}x)" if mine > 0 else label,
+                     fontsize=9.5 * fs)
+        ax.set_xlabel("ms per batch-1 forward pass (torch.profiler)", fontsize=9 * fs)
+        ax.grid(alpha=0.3, axis="x")
+        ax.tick_params(axis="x", labelsize=8 * fs)
+    if not profiles:
+        _no_data(axes[0][0], "no profiled runs")
+    fig.suptitle(title, fontsize=12 * fs)
+    fig.legend(handles=[Patch(color="0.7", label="dense model"), Patch(color="#d62728", label="pruned model")],
+               loc="outside lower center", ncol=2, frameon=False, fontsize=8.5 * fs)
+    return fig
+
+
 def sensitivity_figure(runs: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], title: str,
                        page: Optional[tuple[float, float]] = None) -> Figure:
     """Heatmaps layer x target sparsity, colour = mAP50-95 drop from the dense model (points).

@@ -275,6 +275,19 @@ def find_dense_runs(selection: Selection, models: list[str]) -> list:
     return out
 
 
+def read_artifact_csv(selection: Selection, run_id: str, name: str) -> Optional[pd.DataFrame]:
+    """A run's CSV artifact ``name`` as a frame, or None when the run has none (or it cannot be read)."""
+    import tempfile
+
+    client = selection.client or client_for(selection.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, name, tmp)
+            return pd.read_csv(path)
+        except Exception:  # noqa: BLE001 - a missing or unreadable artifact leaves that figure out
+            return None
+
+
 def attach(selection: Selection, files: list[Path], artifact_path: str) -> None:
     """Log the report files on the parent run under ``artifact_path``."""
     if selection.parent is None:
