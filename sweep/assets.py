@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -107,6 +108,26 @@ def file_lock(lock_path: Path) -> Iterator[None]:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def writable(folder: Path) -> bool:
+    """True when ``folder`` (or its nearest existing parent) is writable by its mode bits.
+
+    Mode bits rather than ``os.access`` alone: a folder of inputs made read-only (``chmod a-w``, as the
+    project's test assets are) stays untouched even for root, who passes every access check.
+    """
+    p = Path(folder)
+    while not p.exists():
+        if p.parent == p:
+            return False
+        p = p.parent
+    mode = p.stat().st_mode
+    return bool(mode & stat.S_IWUSR) and os.access(p, os.W_OK)
+
+
+def _read_only(folder: Path) -> str:
+    return (f"{folder} is read-only (its mode bits), so nothing is downloaded or locked there; set SWEEP_CACHE "
+            "or paths.cache to a writable folder")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -188,6 +209,8 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, *, pr
     Any failure raises ``AssetError`` naming the URL and the destination.
     """
     dest = Path(dest)
+    if not dest.is_file() and not writable(dest.parent):  # a folder of inputs: no lock, no partial file
+        raise AssetError(f"could not download {url} to {dest}: {_read_only(dest.parent)}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     with file_lock(dest.with_name(f".{dest.name}.lock")):
@@ -321,6 +344,9 @@ def ensure_dataset(name: str, cache: str | os.PathLike, downloads: Sequence[Mapp
     specs = [_download_spec(item) for item in downloads]
     if not specs:
         raise AssetError(f"dataset {name!r} is not in {root} and has no download entries")
+    if not writable(root.parent):  # a folder of inputs: no lock, no staging folder, no archives
+        raise AssetError(f"dataset {name!r} is not in {root}, and {_read_only(root.parent)}; or put the extracted "
+                         f"dataset at {root}, or point data.path at it")
     root.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(root.parent / f".{name}.lock"):
         if root.is_dir():

@@ -21,7 +21,7 @@ import torch
 from sweep.assets import file_sha256
 from sweep.config.spec import DataSpec, EvalSpec, RecoverSpec
 from sweep.data import Batch, DataError, Dataset, PreprocessedCache, label_path, load_ground_truth
-from sweep.data.preprocessed import writable
+from sweep.assets import writable
 from sweep.model import LoadedCheckpoint, fuse, load_checkpoint
 from sweep.prune import accounting
 from sweep.recover import Calibration, calibration_images

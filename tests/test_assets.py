@@ -343,3 +343,28 @@ def test_offline_every_missing_input_file_is_listed_once(tmp_path):
         assert msg.count(f"no-such-host.invalid/{name}") == 1, name
     assert str(tmp_path / "cache" / "downloads" / "val2017.zip") in msg and "Without network access" in msg
     assert not (tmp_path / "cache" / "datasets" / "coco").exists()
+
+
+def test_a_read_only_cache_is_never_written_not_even_a_lock(tmp_path):
+    """Regression: with SWEEP_CACHE pointing at the read-only test assets, a missing checkpoint or dataset
+    left lock files (and a downloads/ folder) inside them, as root passes every access check. A cache made
+    read-only by its mode bits is now only read: the message says what is missing and what to do."""
+    import os
+    import stat
+
+    from sweep.assets import AssetError, ensure_dataset, ensure_weights
+
+    cache = tmp_path / "assets"
+    (cache / "weights").mkdir(parents=True)
+    (cache / "datasets").mkdir()
+    for folder in (cache / "weights", cache / "datasets", cache):
+        os.chmod(folder, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
+    try:
+        with pytest.raises(AssetError, match=r"yolov5s\.pt is missing .* is read-only \(its mode bits\)"):
+            ensure_weights("yolov5s", cache, "http://127.0.0.1:9/yolov5s.pt")
+        with pytest.raises(AssetError, match=r"dataset 'coco' is not in .* read-only .* point data.path at it"):
+            ensure_dataset("coco", cache, [{"url": "http://127.0.0.1:9/coco.zip"}])
+        assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == ["datasets", "weights"]
+    finally:
+        for folder in (cache, cache / "weights", cache / "datasets"):
+            os.chmod(folder, stat.S_IRWXU)

@@ -393,6 +393,8 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _inputs(c: Mapping[str, Any], cache: Path, memo: Any) -> tuple[ModelSpec, DataSpec]:
     """The weights and the dataset, both tried: when files are missing (offline), one message lists every one."""
+    if not c["model"].get("weights") and c["model"]["name"] == "custom":  # a config mistake, not a missing file
+        raise ConfigError("model.weights is not set: model=custom needs model.weights=/path/to/best.pt")
     found: list[Any] = []
     missing: list[Exception] = []
     for find in (lambda: _model(c, cache, memo), lambda: resolve_data(c, cache)):

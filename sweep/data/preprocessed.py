@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,25 +29,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from sweep.assets import writable
 from sweep.data.dataset import Batch
 
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: per-batch pixel checksums and a checksum of meta.json
-
-
-def writable(folder: Path) -> bool:
-    """True when ``folder`` (or its nearest existing parent) is writable by its mode bits.
-
-    Mode bits rather than ``os.access``: a read-only asset folder stays untouched even for root.
-    """
-    p = folder
-    while not p.exists():
-        if p.parent == p:
-            return False
-        p = p.parent
-    mode = p.stat().st_mode
-    return bool(mode & stat.S_IWUSR) and os.access(p, os.W_OK)
 
 
 def _digest(pixels: np.ndarray) -> str:
