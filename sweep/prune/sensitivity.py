@@ -132,7 +132,10 @@ def measure_curves(model: nn.Module, layers: Mapping[str, nn.Conv2d], batches: I
             out, dense = model(x), []
         ref = [t.detach() for t in head_maps(out)]
         energy += float(sum((t.double() ** 2).sum() for t in ref))
-        for n in names:
+        for li, n in enumerate(names):
+            if li and li % 10 == 0:  # the whole measurement takes minutes on a CPU: show it moves
+                log.info("sensitivity curves: batch of %d images, layer %d/%d, %.0fs", int(x.shape[0]), li,
+                         len(names), time.perf_counter() - t0)
             conv, w0 = layers[n], flat[n]
             start = _top_index(n) if layered else None
             for i, k in enumerate(counts[n]):
