@@ -159,11 +159,12 @@ class ProcessMemo:
         data.batches = kept
 
     # -- recovery -----------------------------------------------------------------------------
-    def calibration(self, spec: RecoverSpec, ev: EvalSpec, eval_files: list[str], device: torch.device,
+    def calibration(self, spec: RecoverSpec | None, ev: EvalSpec, eval_files: list[str], device: torch.device,
                     names: list[str] | None = None) -> Calibration | None:
         """Calibration (and, for methods that train, labeled training) images for ``spec`` (None for
-        ``recover=none``), checked against the evaluation images."""
-        if spec.source is None:
+        ``recover=none``, and for a prune method without curves: ``PruneSpec.calibration`` None), checked
+        against the evaluation images."""
+        if spec is None or spec.source is None:
             return None
         key = (spec, ev.imgsz, ev.workers, tuple(eval_files), str(device), tuple(names or ()))
         if key not in self.calib:
