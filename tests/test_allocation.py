@@ -258,6 +258,10 @@ def test_sensitivity_resolves_recover_source_with_recover_none(tmp_path, assets)
                                 "sparsity=0.5", f"paths.curves={tmp_path}/c"), ProcessMemo())
     assert spec.recover.source is None and spec.prune.source is not None
     assert "coco128" in str(spec.prune.source) and spec.prune.source_key == "data.train"
+    # the other methods need no calibration images (and resolve without them)
+    other = resolve_job(make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "prune=lamp", "sparsity=0.5"),
+                        ProcessMemo())
+    assert other.prune.source is None and other.prune.calibration is None
 
 
 def test_curve_settings_enter_the_hash_only_for_sensitivity_and_batch_never():
