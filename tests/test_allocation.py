@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-from helpers import make_cfg
+from helpers import make_cfg, run_cli
 from test_prune import cfg, make_tiny
 
 from sweep.config.resolve import config_hash, resolve_job, semantic_config
@@ -245,6 +245,16 @@ def test_bad_levels_and_sparsity_above_them_are_one_clear_message(tmp_path):
                         ProcessMemo())
     with pytest.raises(ConfigError, match=r"sparsity=0\.95 is above the largest prune\.levels value 0\.9"):
         resolve_job(make_cfg(tmp_path, "model=yolov5n", "prune=sensitivity", "sparsity=0.95"), ProcessMemo())
+
+
+def test_bad_levels_in_a_sweep_are_one_message_before_any_run(tmp_path):
+    out = tmp_path / "outputs"
+    p = run_cli(out, "-m", "model=yolov5n", "data=coco-val128", "prune=sensitivity", "prune.levels=[0.5,1.2]",
+                "sparsity=0.3,0.5", sweep_dir=tmp_path / "s")
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert len(errors) == 1 and "prune.levels=[0.5, 1.2] is invalid: allowed is a non-empty list" in errors[0]
+    assert not (out / "mlflow.db").exists()
 
 
 def test_sensitivity_without_calibration_images_is_refused(tmp_path, assets):
