@@ -239,8 +239,10 @@ def resolve_recover(c: Mapping[str, Any], data: DataSpec) -> RecoverSpec:
     """``c['recover']`` with its calibration source: ``recover.data`` (an image folder, a ``.txt`` list, or a
     YOLOv5 data yaml's ``train`` split; relative to the working directory), else the dataset's train split."""
     r = c["recover"]
-    source, key = (None, "") if r["method"] == "none" else \
-        _calibration_source(r, c["data"], data, assets.cache_root(c["paths"]["cache"]), f"recover.method={r['method']!r}")
+    source, key = None, ""
+    if r["method"] != "none":
+        source, key = _calibration_source(r, c["data"], data, assets.cache_root(c["paths"]["cache"]),
+                                          f"recover.method={r['method']!r}")
     return RecoverSpec(str(r["method"]), source, key, int(r["images"]), int(r["batch"]), bool(r["allow_eval_images"]),
                        int(r["epochs"]), r["iters"], bool(r["augment"]), bool(r["recalibrate"]),
                        tuple(sorted((k, float(v)) for k, v in r["hyp"].items())), r["data_limit"], int(r["seed"]))
