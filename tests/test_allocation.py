@@ -67,6 +67,19 @@ def test_lamp_global_count_and_every_layer_keeps_its_largest(sparsity):
     assert all(int((m.weight != 0).sum()) >= 1 for m in convs)
 
 
+def test_lamp_equals_global_unstructured_with_lamp_importance_scores_when_no_ties():
+    """Without exact ties our stable-sort threshold is torch's ``global_unstructured(importance_scores=...)``."""
+    import torch.nn.utils.prune as tprune
+
+    ours, theirs = make_tiny(), make_tiny()
+    PRUNERS["lamp"](ours, 0.4, cfg(method="lamp", fused=False))
+    convs = list(select_convs(theirs).values())
+    tprune.global_unstructured([(m, "weight") for m in convs], pruning_method=tprune.L1Unstructured, amount=0.4,
+                               importance_scores={(m, "weight"): lamp_scores(m.weight) for m in convs})
+    for a, b in zip(select_convs(ours).values(), convs):
+        assert torch.equal(a.weight == 0, b.weight == 0)
+
+
 def test_lamp_real_yolov5n_global_count(v5n):
     model = copy.deepcopy(v5n)
     PRUNERS["lamp"](model, 0.5, cfg(method="lamp", fused=False))
