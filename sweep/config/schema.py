@@ -69,8 +69,9 @@ class PruneConfig:
     ``sensitivity`` only: ``levels`` (the per-layer sparsities each layer's curve is measured at, in
     (0, 1); the largest bounds every layer's allocation), ``images`` and ``batch`` (the calibration
     images the curves are measured on: the first N of recover's source, i.e. ``recover.data`` else the
-    dataset's train split, ``batch`` per forward pass). Few images keep the one-off measurement short
-    (layers x levels forward passes; docs/benchmarks.md).
+    dataset's train split, ``batch`` per forward pass; evaluated images refused unless
+    ``recover.allow_eval_images``). Few images keep the one-off measurement short (layers x levels
+    forward passes; docs/benchmarks.md).
     """
 
     method: str = "l1_unstructured"

@@ -40,8 +40,8 @@ class DataSpec:
 class PruneSpec:
     """``levels``/``images``/``batch``/``source``/``source_key``/``allow_eval_images``/``curves``:
     ``sensitivity``'s curve measurement (its calibration images: ``source``, resolved as recover's, None for
-    the other methods). ``allocation``:
-    ``(layer, zeros)`` per selected conv, filled by the job's allocation stage (empty until then)."""
+    the other methods; ``allow_eval_images`` is ``recover.allow_eval_images``). ``allocation``: ``(layer,
+    zeros)`` per selected conv, filled by the job's allocation stage (empty until then)."""
 
     method: str
     fused: bool = True
