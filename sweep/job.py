@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from sweep.export import layer_time_table, onnx_runtime_latency
 from sweep.model import ArtifactFiles, CheckpointError, LoadedCheckpoint, artifact_sizes, fuse, load_artifact, \
     save_artifact
 from sweep.prune import PRUNERS, accounting, select_convs
+from sweep.prune.sensitivity import allocate, allocation_table, write_allocation
 from sweep.recover import RECOVERERS, Calibration
 from sweep.track import Tracker, TrackingError, environment_tags
 from sweep.track.spool import EXIT_PENDING, RunRecord, RunSink, pending_message, store_key, upload_pending
@@ -95,6 +97,20 @@ def prune_and_recover(model: nn.Module, sparsity: float, prune: PruneSpec, recov
     if not prune.fused:
         model = fuse(model)
     return model, metrics
+
+
+def allocate_layers(spec: JobSpec, ckpt: LoadedCheckpoint, memo: ProcessMemo, eval_files: list[str],
+                    device: torch.device) -> tuple[PruneSpec, pd.DataFrame, dict[str, float]]:
+    """``prune=sensitivity``: the per-layer zero counts from the model's sensitivity curves (measured once per
+    model and calibration set, see ``ProcessMemo.sensitivity_curves``). Returns the prune spec with its
+    ``allocation``, the allocation table (the job's ``allocation.csv``) and the curve figures for metrics.json."""
+    calibration = memo.calibration(spec.prune.calibration, spec.eval, eval_files, device, ckpt.names)
+    curves, where, seconds = memo.sensitivity_curves(spec.prune, ckpt, calibration, device)
+    zeros = allocate(curves, round(spec.sparsity * sum(c.numel for c in curves)))  # torch's global count
+    table = allocation_table(curves, zeros)
+    metrics = {"curves_seconds": seconds, "curves_measured": float(where == "measured"),
+               "allocation_distortion": float(table["distortion"].sum())}
+    return dataclasses.replace(spec.prune, allocation=tuple(zeros.items())), table, metrics
 
 
 def account(model: nn.Module, spec: JobSpec, dense: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
@@ -223,7 +239,11 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
     with sw.stage("data"):
         data = memo.eval_data(spec.data, ev, int(ckpt.stride.max()), ckpt.names, spec.model.weights)
         calibration = memo.calibration(spec.recover, ev, data.files, device, ckpt.names)
-    model, recover_metrics = prune_and_recover(model, spec.sparsity, spec.prune, spec.recover, calibration, sw)
+    prune, allocation, alloc_metrics = spec.prune, None, {}
+    if prune.method == "sensitivity" and spec.sparsity > 0:
+        with sw.stage("allocate"):
+            prune, allocation, alloc_metrics = allocate_layers(spec, ckpt, memo, data.files, device)
+    model, recover_metrics = prune_and_recover(model, spec.sparsity, prune, spec.recover, calibration, sw)
     with sw.stage("accounting"):
         acc, per_layer = account(model, spec, memo.dense_accounting(spec.model.sha256, ckpt.model, ev.imgsz))
     out = ctx.output_dir
@@ -274,13 +294,15 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
     metrics: dict[str, Any] = dict(coco.stats) | loop.per_image_ms() | {
         "images": loop.images, "instances": data.instances, "detections": loop.detections,
         "images_skipped": len(data.skipped),
-    } | interval_metrics(coco) | acc | recover_metrics | lat | sw.as_metrics()
+    } | interval_metrics(coco) | acc | alloc_metrics | recover_metrics | lat | sw.as_metrics()
     metrics |= {"model": spec.model.name, "data": spec.data.name, "sparsity_target": spec.sparsity,
                 "prune_method": spec.prune.method, "prune_fused": spec.prune.fused,
                 "recover_method": spec.recover.method, "device": str(device), "half": ev.half,
                 "config_hash": spec.config_hash}
     _print_summary(spec, metrics, loop.shape)
     files += write_artifacts(out, spec, metrics, per_layer, coco)
+    if allocation is not None:
+        files += write_allocation(allocation, out, spec.sparsity)
     return metrics, files
 
 

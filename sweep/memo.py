@@ -4,7 +4,8 @@ With the default (sequential) launcher every job of a multirun runs in one proce
 ``ProcessMemo`` keeps what does not depend on the pruning: each weights file hashed once, each
 checkpoint loaded once (every job deep-copies its model), the dense model's cost figures, each
 dataset scanned once and its decoded batches (in memory when they fit ``MAX_CACHED_BYTES``,
-else streamed from the on-disk cache every pass, holding nothing), and the calibration images.
+else streamed from the on-disk cache every pass, holding nothing), the calibration images, and the
+sensitivity curves of ``prune=sensitivity`` (also kept on disk, measured once per model and images).
 It resolves nothing and checks nothing itself: ``sweep.config.resolve`` decides what to open.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -19,11 +21,12 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from sweep.assets import file_sha256
-from sweep.config.spec import DataSpec, EvalSpec, RecoverSpec
+from sweep.config.spec import DataSpec, EvalSpec, PruneSpec, RecoverSpec
 from sweep.data import Batch, DataError, Dataset, PreprocessedCache, label_path, load_ground_truth
 from sweep.assets import writable
 from sweep.model import LoadedCheckpoint, fuse, load_checkpoint
-from sweep.prune import accounting
+from sweep.prune import accounting, select_convs, sensitivity
+from sweep.prune.sensitivity import Curve, CurveStore, curve_key
 from sweep.recover import Calibration, calibration_images
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class ProcessMemo:
     data: dict[tuple, EvalData] = field(default_factory=dict)
     calib: dict[tuple, Calibration] = field(default_factory=dict)
     tracking_down: set[str] = field(default_factory=set)  # store URIs that failed past their retry window here
+    curves: dict[str, list[Curve]] = field(default_factory=dict)
 
     # -- weights ------------------------------------------------------------------------------
     def sha256(self, path: Path) -> str:
@@ -156,13 +160,42 @@ class ProcessMemo:
         data.batches = kept
 
     # -- recovery -----------------------------------------------------------------------------
-    def calibration(self, spec: RecoverSpec, ev: EvalSpec, eval_files: list[str], device: torch.device,
+    def calibration(self, spec: RecoverSpec | None, ev: EvalSpec, eval_files: list[str], device: torch.device,
                     names: list[str] | None = None) -> Calibration | None:
         """Calibration (and, for methods that train, labeled training) images for ``spec`` (None for
-        ``recover=none``), checked against the evaluation images."""
-        if spec.source is None:
+        ``recover=none``, and for a prune method without curves: ``PruneSpec.calibration`` None), checked
+        against the evaluation images."""
+        if spec is None or spec.source is None:
             return None
         key = (spec, ev.imgsz, ev.workers, tuple(eval_files), str(device), tuple(names or ()))
         if key not in self.calib:
-            self.calib = {key: calibration_images(spec, ev.imgsz, ev.workers, eval_files, device, names, ev.progress)}
+            kept = list(self.calib.items())[-1:]  # two sets at most: recover's and prune=sensitivity's
+            self.calib = dict(kept) | {
+                key: calibration_images(spec, ev.imgsz, ev.workers, eval_files, device, names, ev.progress)}
         return self.calib[key]
+
+    # -- sensitivity curves ---------------------------------------------------------------------
+    def sensitivity_curves(self, spec: PruneSpec, ckpt: LoadedCheckpoint, calibration: Calibration,
+                           device: torch.device) -> tuple[list[Curve], str, float]:
+        """The curves of ``spec``'s selected layers of ``ckpt`` (fused as ``spec.fused``) on ``calibration``:
+        from this process, else from the disk cache ``spec.curves``, else measured (and stored there).
+        Returns ``(curves, where: memo | disk | measured, seconds spent measuring)``."""
+        layers = select_convs(ckpt.model, spec.include, spec.exclude)  # the same names fused or not
+        key = curve_key(ckpt.sha256, spec.fused, [(n, m.weight.numel()) for n, m in layers.items()], spec.levels,
+                        calibration.files, calibration.imgsz, torch.device(device).type)
+        if key in self.curves:
+            return self.curves[key], "memo", 0.0
+        store = CurveStore(spec.curves)
+        curves, where, seconds = store.load(key), "disk", 0.0
+        if curves is None:
+            model = copy.deepcopy(ckpt.model).float().eval()
+            model = fuse(model) if spec.fused else model
+            t0 = time.perf_counter()
+            curves = sensitivity.measure_curves(model, select_convs(model, spec.include, spec.exclude),
+                                                calibration.batches(), spec.levels, device)
+            where, seconds = "measured", time.perf_counter() - t0
+            log.info("sensitivity curves: %d layers x %d levels on %d images in %.0fs", len(curves), len(spec.levels),
+                     len(calibration), seconds)
+            store.save(key, curves, seconds)
+        self.curves = {key: curves}  # one model's at a time, like the checkpoints
+        return curves, where, seconds

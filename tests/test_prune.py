@@ -283,7 +283,11 @@ def test_sparsity_zero_is_a_no_op(tiny, method):
 @pytest.mark.parametrize("method", list(PRUNERS))
 def test_pruning_a_copy_leaves_the_pristine_model_untouched(tiny, method):
     snap = snapshot(tiny)
-    pruned = PRUNERS[method](copy.deepcopy(tiny), 0.5, cfg(exclude=["model.4.*"]))
+    spec = cfg(exclude=["model.4.*"])
+    if method == "sensitivity":  # the job's allocation stage hands it per-layer counts
+        spec = cfg(exclude=["model.4.*"], allocation=tuple(
+            (n, round(0.5 * m.weight.numel())) for n, m in select_convs(tiny, [], ["model.4.*"]).items()))
+    pruned = PRUNERS[method](copy.deepcopy(tiny), 0.5, spec)
     assert same_state(tiny, snap)
     assert not same_state(pruned, snap)
 
@@ -302,7 +306,8 @@ def test_masks_permanent_and_state_dict_keys_unchanged(tiny, method):
 
 def test_registry_is_a_plain_dict_with_one_signature():
     assert type(PRUNERS) is dict
-    assert set(PRUNERS) == {"l1_unstructured", "global_l1", "random", "ln_structured", "channel"}
+    assert set(PRUNERS) == {"l1_unstructured", "global_l1", "lamp", "sensitivity", "random", "ln_structured",
+                            "channel"}
 
 
 # --------------------------------------------------------------------------- fused / unfused order

@@ -189,7 +189,7 @@ def test_a_config_error_in_any_job_stops_the_sweep_before_its_parent_run(tmp_pat
     assert p.returncode == 2 and "Traceback" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: prune.method='magic' is unknown: allowed are channel, global_l1, l1_unstructured, "
-                      "ln_structured, random (jobs 0, 1)"]
+                      "lamp, ln_structured, random, sensitivity (jobs 0, 1)"]
     assert not (out / "mlflow.db").exists() and not (tmp_path / "s").exists()
     p2 = run_cli(out, "-m", "model=yolov5n", "data=coco-val128", "sparsity=0,0.5,1.0", sweep_dir=tmp_path / "s")
     assert p2.returncode == 2 and p2.stderr.count("error: sparsity=1.0 is out of range") == 1

@@ -109,6 +109,9 @@ def _check_values(c: Mapping[str, Any]) -> None:
     if c["data"]["limit"] is not None:
         _check(c["data"]["limit"] >= 1, "data.limit", c["data"]["limit"], "an integer >= 1 or null")
     _check(c["prune"]["round_to"] >= 1, "prune.round_to", c["prune"]["round_to"], "an integer >= 1")
+    _check_levels(c["prune"]["levels"])
+    _check(c["prune"]["images"] >= 1, "prune.images", c["prune"]["images"], "an integer >= 1")
+    _check(c["prune"]["batch"] >= 1, "prune.batch", c["prune"]["batch"], "an integer >= 1")
     r = c["recover"]
     _check(r["images"] >= 1, "recover.images", r["images"], "an integer >= 1")
     _check(r["batch"] >= 1, "recover.batch", r["batch"], "an integer >= 1")
@@ -136,6 +139,23 @@ def _check_values(c: Mapping[str, Any]) -> None:
                           "unfused model's BatchNorm layers, before fusion); prune.fused=true is not allowed with it")
 
 
+def _check_levels(levels: Any) -> None:
+    allowed = "a non-empty list of distinct numbers in (0, 1), e.g. [0.1,0.3,0.5,0.7,0.9]"
+    ok = isinstance(levels, (list, tuple)) and len(levels) > 0 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v < 1.0 for v in levels) \
+        and len(set(levels)) == len(levels)
+    _check(ok, "prune.levels", levels, allowed)
+
+
+def _check_sparsity_levels(c: Mapping[str, Any], sparsity: float) -> None:
+    """``prune=sensitivity`` allocates each layer at most the largest measured level."""
+    p = c["prune"]
+    if p["method"] == "sensitivity" and sparsity > max(p["levels"]):
+        raise ConfigError(f"sparsity={sparsity!r} is above the largest prune.levels value {max(p['levels'])}: "
+                          "prune=sensitivity allocates each layer at most that sparsity; allowed is a sparsity up "
+                          "to it, or a larger level in prune.levels (e.g. prune.levels=[0.1,0.3,0.5,0.7,0.9,0.95])")
+
+
 # ------------------------------------------------------------------------------- paths
 
 
@@ -150,6 +170,13 @@ def preprocessed_dir(value: str | None) -> Path | None:
     """``paths.preprocessed``: null -> the per-user cache folder's ``preprocessed/``; '' -> no disk cache."""
     if value is None:
         return assets.default_cache_dir() / "preprocessed"
+    return Path(value).expanduser() if str(value).strip() else None
+
+
+def curves_dir(value: str | None) -> Path | None:
+    """``paths.curves``: null -> the per-user cache folder's ``curves/``; '' -> kept in the process only."""
+    if value is None:
+        return assets.default_cache_dir() / "curves"
     return Path(value).expanduser() if str(value).strip() else None
 
 
@@ -218,7 +245,10 @@ def resolve_recover(c: Mapping[str, Any], data: DataSpec) -> RecoverSpec:
     """``c['recover']`` with its calibration source: ``recover.data`` (an image folder, a ``.txt`` list, or a
     YOLOv5 data yaml's ``train`` split; relative to the working directory), else the dataset's train split."""
     r = c["recover"]
-    source, key = _calibration_source(r, c["data"], data, assets.cache_root(c["paths"]["cache"]))
+    source, key = None, ""
+    if r["method"] != "none":
+        source, key = _calibration_source(r, c["data"], data, assets.cache_root(c["paths"]["cache"]),
+                                          f"recover.method={r['method']!r}")
     return RecoverSpec(str(r["method"]), source, key, int(r["images"]), int(r["batch"]), bool(r["allow_eval_images"]),
                        int(r["epochs"]), r["iters"], bool(r["augment"]), bool(r["recalibrate"]),
                        tuple(sorted((k, float(v)) for k, v in r["hyp"].items())), r["data_limit"], int(r["seed"]))
@@ -236,9 +266,9 @@ def _named_train_split(name: str, config: Path, cache: Path) -> Source:
 
 
 def _calibration_source(r: Mapping[str, Any], data_cfg: Mapping[str, Any], data: DataSpec,
-                        cache: Path) -> tuple[Source | None, str]:
-    if r["method"] == "none":
-        return None, ""
+                        cache: Path, who: str) -> tuple[Source, str]:
+    """Where calibration images come from (``recover.data``, else the dataset's train split) for ``who`` (the
+    setting that needs them, named in the error when there is none)."""
     if r.get("data"):
         p = Path(str(r["data"])).expanduser()
         named = DATA_CONFIGS / f"{r['data']}.yaml"
@@ -256,8 +286,22 @@ def _calibration_source(r: Mapping[str, Any], data_cfg: Mapping[str, Any], data:
         return str(p), "recover.data"
     if data.train is not None:
         return data.train, "data.yaml train" if data_cfg.get("yaml") else "data.train"
-    raise ConfigError(f"recover.method={r['method']!r} needs calibration images, but recover.data is empty "
+    raise ConfigError(f"{who} needs calibration images, but recover.data is empty "
                       f"and data {data.name!r} has no train split: set recover.data to {ALLOWED_SOURCES}")
+
+
+def resolve_prune(c: Mapping[str, Any], data: DataSpec) -> PruneSpec:
+    """``c['prune']``; ``sensitivity`` also gets its calibration images, from the source ``recover=bn`` would use
+    (``recover.data``, else the dataset's train split), whatever ``recover.method`` is."""
+    p, r = c["prune"], c["recover"]
+    source, key = (None, "")
+    if p["method"] == "sensitivity":
+        source, key = _calibration_source(r, c["data"], data, assets.cache_root(c["paths"]["cache"]),
+                                          "prune.method='sensitivity'")
+    return PruneSpec(str(p["method"]), bool(p["fused"]), tuple(p["include"] or ()), tuple(p["exclude"] or ()),
+                     int(p["seed"]), int(p["round_to"]), bool(p["save"]), tuple(float(v) for v in p["levels"]),
+                     int(p["images"]), int(p["batch"]), source, key, bool(r["allow_eval_images"]),
+                     curves_dir(c["paths"].get("curves")))
 
 
 def resolve_tracking(cfg: DictConfig | Mapping[str, Any]) -> TrackSpec:
@@ -352,7 +396,12 @@ def semantic_config(c: Mapping[str, Any], weights_sha256: str, device: torch.dev
     same point (one curve, one table row); resume instead re-runs a finished run that lacks the interval
     asked for (``contract.has_interval``, sweep/job.py), and a plain rerun reuses a run that has one.
     """
-    prune = {k: v for k, v in c["prune"].items() if k != "save"}
+    # the curve settings decide only sensitivity's result (left out for the other methods, so the hashes of
+    # their earlier runs stay the same); prune.batch changes no number, the calibration source does
+    curve_keys = ("levels", "images")
+    prune = {k: v for k, v in c["prune"].items() if k not in ("save", "batch") + curve_keys}
+    if prune["method"] == "sensitivity":
+        prune |= {k: c["prune"][k] for k in curve_keys} | {"calibration": c["recover"].get("data")}
     dense = sparsity == 0.0 and c["recover"]["method"] == "none"
     r = c["recover"]
     keys = RECOVER_KEYS.get(r["method"], tuple(r)) if r["method"] != "none" else ("method",)
@@ -427,7 +476,7 @@ def check_values(cfg: DictConfig) -> None:
     config before the sweep's parent run exists)."""
     c = _container(cfg)
     _check_values(c)
-    normalize_sparsity(c["sparsity"])
+    _check_sparsity_levels(c, normalize_sparsity(c["sparsity"]))
     _outputs(c)
     resolve_tracking(c)
 
@@ -439,6 +488,7 @@ def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
     c.pop("budget", None)  # the budget sweeper's settings, no job's: not in its params or config.yaml
     _check_values(c)
     sparsity = normalize_sparsity(c["sparsity"])
+    _check_sparsity_levels(c, sparsity)
     _outputs(c)  # a file where the outputs folder should be is refused before any work
     track = resolve_tracking(c)
     device, half = resolve_device(str(c["eval"]["device"]), c["eval"]["half"], job_num)
@@ -453,9 +503,7 @@ def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
         raise ConfigError(f"model.weights={str(model.weights)!r} has {len(ckpt.names)} classes but data "
                           f"{data.name!r} names {len(data.names)}: allowed is a checkpoint trained on this dataset's "
                           "classes")
-    p = c["prune"]
-    prune = PruneSpec(str(p["method"]), bool(p["fused"]), tuple(p["include"] or ()), tuple(p["exclude"] or ()),
-                      int(p["seed"]), int(p["round_to"]), bool(p["save"]))
+    prune = resolve_prune(c, data)
     select_convs(ckpt.model, prune.include, prune.exclude)  # a pattern that matches nothing is refused now
     recover = resolve_recover(c, data)
     if recover.method != "none" and is_fused(ckpt.model):
@@ -470,11 +518,13 @@ def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
                           bool(e["profile"]))
     eval_data = memo.eval_data(data, evaluation, stride, ckpt.names, model.weights)  # scans every label now
     memo.calibration(recover, evaluation, eval_data.files, device, ckpt.names)  # refuses evaluation images now
+    memo.calibration(prune.calibration, evaluation, eval_data.files, device, ckpt.names)  # sensitivity's images
 
     c["sparsity"] = sparsity
     c["eval"] |= {"imgsz": evaluation.imgsz, "device": str(device), "half": half}
     c["model"] |= {"weights": str(model.weights), "sha256": model.sha256}
-    c["paths"] |= {"cache": str(cache), "preprocessed": str(evaluation.preprocessed or "")}
+    c["paths"] |= {"cache": str(cache), "preprocessed": str(evaluation.preprocessed or ""),
+                   "curves": str(prune.curves or "")}
     c["mlflow"] |= {"tracking_uri": contract.redact(track.uri)}  # params, config.yaml: never a password
     chash = config_hash(semantic_config(c, model.sha256, device, half, sparsity))
     name = contract.run_name(model.name, prune.method, prune.fused, recover.method, sparsity)

@@ -64,7 +64,15 @@ class DataConfig:
 
 @dataclass
 class PruneConfig:
-    """How to prune. ``method`` is a key of ``sweep.prune.methods.PRUNERS``."""
+    """How to prune. ``method`` is a key of ``sweep.prune.methods.PRUNERS``.
+
+    ``sensitivity`` only: ``levels`` (the per-layer sparsities each layer's curve is measured at, in
+    (0, 1); the largest bounds every layer's allocation), ``images`` and ``batch`` (the calibration
+    images the curves are measured on: the first N of recover's source, i.e. ``recover.data`` else the
+    dataset's train split, ``batch`` per forward pass; evaluated images refused unless
+    ``recover.allow_eval_images``). Few images keep the one-off measurement short (layers x levels
+    forward passes; docs/benchmarks.md).
+    """
 
     method: str = "l1_unstructured"
     fused: bool = True
@@ -73,6 +81,9 @@ class PruneConfig:
     seed: int = 0
     round_to: int = 8
     save: bool = False
+    levels: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    images: int = 8
+    batch: int = 8
 
 
 @dataclass
@@ -156,11 +167,14 @@ class PathsConfig:
     else ``~/.cache/yolov5-sparsity``); read, and written only by downloads of missing files.
     ``preprocessed``: the decoded-batch cache (null: ``preprocessed/`` in the per-user cache folder,
     never under ``cache``, which may be a folder of read-only inputs; ``''``: no on-disk cache).
+    ``curves``: measured sensitivity curves of ``prune=sensitivity`` (null: ``curves/`` in the per-user
+    cache folder, never under ``cache``; ``''``: kept in the process only).
     ``outputs``: runs, the default MLflow store and reports.
     """
 
     cache: Optional[str] = None
     preprocessed: Optional[str] = None
+    curves: Optional[str] = None
     outputs: str = DEFAULT_OUTPUTS
 
 

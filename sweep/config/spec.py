@@ -38,6 +38,11 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class PruneSpec:
+    """``levels``/``images``/``batch``/``source``/``source_key``/``allow_eval_images``/``curves``:
+    ``sensitivity``'s curve measurement (its calibration images: ``source``, resolved as recover's, None for
+    the other methods; ``allow_eval_images`` is ``recover.allow_eval_images``). ``allocation``: ``(layer,
+    zeros)`` per selected conv, filled by the job's allocation stage (empty until then)."""
+
     method: str
     fused: bool = True
     include: tuple[str, ...] = ()
@@ -45,6 +50,21 @@ class PruneSpec:
     seed: int = 0
     round_to: int = 8
     save: bool = False
+    levels: tuple[float, ...] = ()
+    images: int = 8
+    batch: int = 8
+    source: Source | None = None
+    source_key: str = ""
+    allow_eval_images: bool = False
+    curves: Path | None = None        # on-disk curve cache folder (paths.curves), None: in the process only
+    allocation: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def calibration(self) -> "RecoverSpec | None":
+        """The curve measurement's calibration images, described as ``recover=bn``'s are (None: no source)."""
+        if self.source is None:
+            return None
+        return RecoverSpec("bn", self.source, self.source_key, self.images, self.batch, self.allow_eval_images)
 
 
 @dataclass(frozen=True)

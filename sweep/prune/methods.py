@@ -9,7 +9,8 @@ Every entry of :data:`PRUNERS` is ``fn(model, sparsity, spec: PruneSpec) -> mode
   no-op for every method (the model is returned untouched, not even re-parametrised).
 - ``spec`` is the job's :class:`sweep.config.spec.PruneSpec`; the fields read are ``include``,
   ``exclude`` (glob patterns over module names, see :func:`select_convs`), ``seed``
-  (``random``) and ``round_to`` (``channel``).
+  (``random``), ``round_to`` (``channel``) and ``allocation`` (``sensitivity``: per-layer zero
+  counts, filled in by the job from the measured curves).
 
 Masks are always made permanent (``torch.nn.utils.prune.remove``) before a function
 returns, so the model carries plain ``weight`` parameters with exact zeros.
@@ -24,6 +25,20 @@ Methods (what they zero or remove, and what speed-up to expect):
     One L1 threshold over all selected Conv2d weights together
     (``prune.global_unstructured``): ``round(sparsity * N_total)`` zeros in all, unevenly
     spread (layers with small weights lose more). Dense zeros: no speed-up.
+``lamp``
+    Layer-adaptive magnitude pruning (Lee et al., ICLR 2021): each weight's score is its
+    squared magnitude over the sum of squares of the weights of its layer at least as large
+    (itself included), see :func:`lamp_scores`; then the ``round(sparsity * N_total)``
+    lowest scores over all selected layers are zeroed (ties: network order, then flat index).
+    Every layer keeps its largest weight (score 1). Dense zeros: no speed-up.
+``sensitivity``
+    Per-layer counts allocated from label-free sensitivity curves
+    (:mod:`sweep.prune.sensitivity`): the job measures how much the Detect output moves when
+    each layer alone is L1-pruned at ``spec.levels`` on calibration images, then chooses the
+    per-layer zero counts that reach ``round(sparsity * N_total)`` exactly with the least
+    total distortion and hands them over as ``spec.allocation``; here each selected conv loses
+    its allocated count of smallest-magnitude weights (``prune.l1_unstructured`` with an integer
+    count). Dense zeros: no speed-up.
 ``random``
     ``round(sparsity * n)`` weights per selected layer chosen uniformly at random
     (``prune.random_unstructured``), seeded from ``spec.seed`` and the layer name (a
@@ -243,6 +258,75 @@ def global_l1(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
     return model
 
 
+def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
+    """LAMP scores of one layer's weights, same shape as ``weight`` (any shape, float).
+
+    ``score = w**2 / sum of u**2 over the layer's weights u with |u| >= |w|`` (itself included, so
+    equal magnitudes share one denominator and one score). The largest weight scores 1; zeros
+    score 0; within a layer the order of scores is the order of magnitudes.
+    """
+    sq = weight.detach().flatten().double() ** 2  # float64: suffix sums over ~1e6 squares stay exact enough
+    order = torch.argsort(sq, stable=True)
+    s = sq[order]
+    suffix = torch.flip(torch.cumsum(torch.flip(s, [0]), 0), [0])  # suffix[i] = sum(s[i:])
+    # equal magnitudes: every member of a tie group takes the suffix sum from the group's first index
+    _, counts = torch.unique_consecutive(s, return_counts=True)
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    denom = suffix[first]
+    scores = torch.where(denom > 0, s / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(s))
+    out = torch.empty_like(scores)
+    out[order] = scores
+    return out.view_as(weight).to(weight.dtype)
+
+
+def lowest_mask(scores: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """Masks (1 keep, 0 prune; shapes of ``scores``) zeroing the ``count`` lowest scores over all tensors.
+
+    Ties are broken by position (tensor order, then flat index: a stable sort), so the result is the same
+    on every run and device; ``torch.topk``, which ``prune.global_unstructured`` uses, leaves that open.
+    """
+    flat = torch.cat([s.detach().flatten().double() for s in scores])
+    mask = torch.ones_like(flat)
+    mask[torch.argsort(flat, stable=True)[:count]] = 0
+    out, start = [], 0
+    for s in scores:
+        out.append(mask[start:start + s.numel()].view_as(s).to(s.dtype))
+        start += s.numel()
+    return out
+
+
+@torch.no_grad()
+def lamp(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
+    """LAMP: ``round(sparsity * N)`` zeros over all selected conv weights, lowest LAMP score first."""
+    if sparsity == 0:
+        return model
+    convs = list(_selection(model, spec).values())
+    total = sum(m.weight.numel() for m in convs)
+    masks = lowest_mask([lamp_scores(m.weight) for m in convs], round(sparsity * total))  # torch's rounding
+    for m, mask in zip(convs, masks):
+        order = _param_order(m)
+        tprune.custom_from_mask(m, "weight", mask)
+        _make_permanent(m, order)
+    return model
+
+
+@torch.no_grad()
+def sensitivity(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
+    """Per-layer L1 with the counts of ``spec.allocation`` (``(layer, zeros)`` pairs for every selected conv)."""
+    if sparsity == 0:
+        return model
+    selected = _selection(model, spec)
+    counts = dict(spec.allocation)
+    if set(counts) != set(selected):
+        raise ValueError("prune=sensitivity needs spec.allocation for exactly the selected layers (the job's "
+                         f"allocation stage fills it): got {len(counts)} layers for {len(selected)} selected")
+    for name, m in selected.items():
+        order = _param_order(m)
+        tprune.l1_unstructured(m, "weight", amount=int(counts[name]))  # an int amount is a count
+        _make_permanent(m, order)
+    return model
+
+
 @torch.no_grad()
 def random(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
     """Random unstructured: ``round(sparsity * n)`` random zeros per selected conv, seeded.
@@ -371,6 +455,8 @@ def channel(model: nn.Module, sparsity: float, spec: PruneSpec) -> nn.Module:
 PRUNERS: dict[str, PrunerFn] = {
     "l1_unstructured": l1_unstructured,
     "global_l1": global_l1,
+    "lamp": lamp,
+    "sensitivity": sensitivity,
     "random": random,
     "ln_structured": ln_structured,
     "channel": channel,
