@@ -368,6 +368,44 @@ def ensure_dataset(name: str, cache: str | os.PathLike, downloads: Sequence[Mapp
     return root
 
 
+def ensure_split(name: str, cache: str | os.PathLike, split: str, downloads: Sequence[Mapping[str, Any]], *,
+                 progress: bool = True, keep_archives: bool = False) -> Path:
+    """``<cache>/datasets/<name>/<split>`` (e.g. ``images/train2017``), downloaded on demand into an existing
+    dataset folder when missing: a split too big to fetch with the dataset (COCO's train2017, 19 GB) that
+    only some jobs need. The archives are extracted into a hidden staging folder inside the dataset and the
+    split folder is renamed into place only when complete. Returns the split folder."""
+    root = dataset_path(cache, name)
+    target = root / split
+    if target.is_dir():
+        return target
+    specs = [_download_spec(item) for item in downloads]
+    if not specs:
+        raise AssetError(f"{target} does not exist and dataset {name!r} has no download entries for it")
+    if not writable(root):
+        raise AssetError(f"{target} does not exist, and {_read_only(root)}; or put the images at {target}")
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / f".{PurePosixPath(split).name}.lock"):
+        if target.is_dir():
+            return target
+        for stale in root.glob(".split.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        archives = _fetch_all(f"{name}/{split}", target, specs, Path(cache), progress)
+        staging = Path(tempfile.mkdtemp(prefix=".split.", suffix=".tmp", dir=root))
+        try:
+            for spec, archive in zip(specs, archives):
+                extract_zip(archive, staging / spec["dir"] if spec["dir"] else staging, strip=spec["strip"])
+            if not (staging / split).is_dir():
+                raise AssetError(f"the archives of {target} hold no {split}/ folder: their entries do not fit")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / split, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    if not keep_archives:
+        for archive in archives:
+            archive.unlink(missing_ok=True)
+    return target
+
+
 def _fetch_all(name: str, root: Path, specs: Sequence[Mapping[str, Any]], cache: Path, progress: bool) -> list[Path]:
     """Every archive of a dataset, each tried even when another failed, so that one message lists all
     that are missing (an offline user fixes them in one go)."""

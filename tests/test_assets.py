@@ -368,3 +368,33 @@ def test_a_read_only_cache_is_never_written_not_even_a_lock(tmp_path):
     finally:
         for folder in (cache, cache / "weights", cache / "datasets"):
             os.chmod(folder, stat.S_IRWXU)
+
+
+def test_coco_train2017_is_fetched_on_first_need_into_the_dataset(server, tmp_path):
+    """data=coco's train split (19 GB) is not part of the dataset download; a recovery that trains or
+    calibrates on it fetches it then, into the existing dataset folder, atomically and once."""
+    from omegaconf import OmegaConf
+
+    from helpers import make_cfg
+    from sweep.config.resolve import _container, resolve_data, resolve_recover
+
+    cache = tmp_path / "cache"
+    coco = cache / "datasets" / "coco"
+    (coco / "images" / "val2017").mkdir(parents=True)
+    (coco / "images" / "val2017" / "000000000139.jpg").write_bytes(b"\xff\xd8jpeg")
+    (coco / "annotations").mkdir()
+    (coco / "annotations" / "instances_val2017.json").write_text("{}")
+    make_zip(server.root / "train2017.zip", {"train2017/000000000009.jpg": b"\xff\xd8jpeg", "train2017/": b""})
+    cfg = make_cfg(tmp_path / "out", "data=coco", "recover=bn", "prune.fused=false", f"paths.cache={cache}")
+    c = _container(cfg)
+    c["data"]["train_download"] = [{"url": f"{server.url}/train2017.zip", "dir": "images"}]
+    data = resolve_data(c, cache)
+    spec = resolve_recover(c, data)
+    assert spec.source == str(coco / "images" / "train2017") and spec.source_key == "data.train"
+    assert [p.name for p in (coco / "images" / "train2017").iterdir()] == ["000000000009.jpg"]
+    assert not [p for p in coco.iterdir() if p.name.endswith(".tmp")]
+    n = len(server.httpd.requests)
+    resolve_recover(c, data)  # present now: not fetched again
+    assert len(server.httpd.requests) == n
+    assert OmegaConf.load(Path(__file__).parents[1] / "conf" / "data" / "coco.yaml").train_download[0].url.endswith(
+        "/zips/train2017.zip")

@@ -285,6 +285,10 @@ def _calibration_source(r: Mapping[str, Any], data_cfg: Mapping[str, Any], data:
             return _as_source(y["train"]), "recover.data"
         return str(p), "recover.data"
     if data.train is not None:
+        in_cache = data.root.resolve() == assets.dataset_path(cache, str(data_cfg["name"])).resolve()
+        if data_cfg.get("train_download") and in_cache and isinstance(data.train, str) and not Path(data.train).exists():
+            split = Path(data.train).relative_to(data.root).as_posix()  # COCO's train2017: fetched on first need
+            assets.ensure_split(str(data_cfg["name"]), cache, split, data_cfg["train_download"])
         return data.train, "data.yaml train" if data_cfg.get("yaml") else "data.train"
     raise ConfigError(f"{who} needs calibration images, but recover.data is empty "
                       f"and data {data.name!r} has no train split: set recover.data to {ALLOWED_SOURCES}")

@@ -59,6 +59,9 @@ class DataConfig:
     coco80_to_91: bool = False
     names: Optional[list[str]] = None
     download: Optional[list[dict[str, Any]]] = None
+    # archives of the train split alone, fetched only when a job needs it (a recovery's training or
+    # calibration images): COCO's train2017 is 19 GB, too big to download with the validation set
+    train_download: Optional[list[dict[str, Any]]] = None
     limit: Optional[int] = None
 
 
