@@ -535,6 +535,7 @@ def sensitivity_figure(runs: pd.DataFrame, refs: dict[tuple[str, str], DenseRef]
     nrows = math.ceil(len(combos) / ncols)
     layers_max = max((r["include"].map(", ".join).nunique() for _, r in combos), default=1)
     h = max(3.2, 0.32 * layers_max + 1.6)
+    fs = PAGE_FONT if page is not None else 1.0
     fig = Figure(figsize=page or (6.6 * ncols, h * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     ycol = metric("mAP50-95")
@@ -562,22 +563,28 @@ def sensitivity_figure(runs: pd.DataFrame, refs: dict[tuple[str, str], DenseRef]
         else:
             im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
             cb_label = "mAP50-95 (points; no dense run)"
+        # the numbers in the cells grow with the cells (a few layers on an A4 page: large cells, large text)
+        cell_pt = fig.get_figheight() * 72 * 0.75 / (nrows * max(len(layers), 1))
+        cell_fs = min(13.0, max(6.5, 0.3 * cell_pt))
         if grid.size <= 400:
             for (a, b), v in np.ndenumerate(grid):
                 if np.isfinite(v):
                     rgba = im.cmap(im.norm(v))
                     light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.55
-                    ax.text(b, a, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                    ax.text(b, a, f"{v:.1f}", ha="center", va="center", fontsize=cell_fs,
                             color="black" if light else "white")
-        ax.set_xticks(range(len(targets)), [contract.sparsity_label(t) for t in targets], fontsize=8,
+        ax.set_xticks(range(len(targets)), [contract.sparsity_label(t) for t in targets], fontsize=8 * fs,
                       rotation=45 if len(targets) > 8 else 0)
-        ax.set_yticks(range(len(layers)), [l if len(l) <= 32 else l[:31] + "…" for l in layers], fontsize=7.5)
-        ax.set_xlabel("target sparsity of the pruned layer", fontsize=9)
-        ax.set_ylabel("pruned layer (network order)", fontsize=9)
+        ax.set_yticks(range(len(layers)), [l if len(l) <= 32 else l[:31] + "…" for l in layers],
+                      fontsize=min(7.5 * fs, max(6.0, 0.5 * cell_pt)))
+        ax.set_xlabel("target sparsity of the pruned layer", fontsize=9 * fs)
+        ax.set_ylabel("pruned layer (network order)", fontsize=9 * fs)
         dense_txt = f"dense mAP50-95 {dense:.3f}" if has_dense else "no dense run"
-        ax.set_title(f"{model} · {method} · recover={recover}\n{setting} · {dense_txt}", fontsize=9.5)
-        fig.colorbar(im, ax=ax, label=cb_label, shrink=0.9)
+        ax.set_title(f"{model} · {method} · recover={recover}\n{setting} · {dense_txt}", fontsize=9.5 * fs)
+        bar = fig.colorbar(im, ax=ax, shrink=0.9)
+        bar.set_label(cb_label, fontsize=9 * fs)
+        bar.ax.tick_params(labelsize=8 * fs)
     for k in range(len(combos), nrows * ncols):
         axes[k // ncols][k % ncols].set_axis_off()
-    fig.suptitle(title, fontsize=12)
+    fig.suptitle(title, fontsize=12 * fs)
     return fig
