@@ -193,3 +193,22 @@ def test_real_accounting_after_l1_pruning(v5n_fused, dense_fused):
     assert m2["sparsity"] == pytest.approx(0.3, abs=1e-6)  # over the selected layers only
     assert m2["sparsity_global"] < 0.29  # the dense head dilutes the global figure
     assert (~l2["selected"]).sum() == 3 and (l2[~l2["selected"]]["zeros"] == 0).all()
+
+
+def test_flops_counted_on_the_meta_device_equal_a_real_forward_pass(yolov5n_path):
+    """gflops() runs on PyTorch's meta device (no arithmetic): the count must be the real pass's, for the
+    official model unfused and fused and channel-pruned (the meta path must not be silently skipped)."""
+    import copy
+
+    from sweep.config.spec import PruneSpec
+    from sweep.model import fuse, load_checkpoint
+    from sweep.prune import PRUNERS
+    from sweep.prune.accounting import _count_flops
+
+    raw = load_checkpoint(yolov5n_path).model.float().eval()
+    fused = fuse(copy.deepcopy(raw))
+    channel = PRUNERS["channel"](copy.deepcopy(fused), 0.5, PruneSpec("channel"))
+    for model in (raw, fused, channel):
+        on_meta = _count_flops(model, torch.zeros(1, 3, 320, 320, device="meta"), meta=True)
+        real = _count_flops(model, torch.zeros(1, 3, 320, 320), meta=False)
+        assert on_meta == real > 0
