@@ -351,3 +351,27 @@ def test_finetune_bad_inputs_fail_before_any_run(tmp_path, assets, val128_dir, o
     with pytest.raises(error, match=match):
         run_job(cfg, JobContext(tmp_path / "job"))
     assert runs(tmp_path) == [] and not (tmp_path / "job").exists()
+
+
+def test_finetuned_weights_are_rounded_as_a_yolov5_checkpoint_holds_them():
+    from torch import nn
+
+    """train.py saves the EMA as FP16 and val.py evaluates that file: every float parameter and buffer is
+    rounded to FP16 (and back), zeros stay zero, integer buffers are untouched."""
+    from sweep.recover.methods import round_to_half
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        m[0].weight[0] = 0.0
+        m[1].running_var.add_(torch.rand(4) * 1e-3 + 1 / 3)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    round_to_half(m)
+    for k, v in m.state_dict().items():
+        if v.is_floating_point():
+            assert torch.equal(v, before[k].half().float()), k
+            assert v.dtype == torch.float32
+        else:
+            assert torch.equal(v, before[k]), k  # num_batches_tracked
+    assert (m[0].weight[0] == 0).all()
+    assert not torch.equal(m[1].running_var, before["1.running_var"])  # 1/3 is not an FP16 number

@@ -117,6 +117,15 @@ def bn_recalibration(model: nn.Module, spec: RecoverSpec, calibration: Calibrati
     return {"recover_images": seen, "recover_seconds": float(seconds)}
 
 
+@torch.no_grad()
+def round_to_half(model: nn.Module) -> None:
+    """Round every floating-point parameter and buffer to FP16 and back, in place: the weights a YOLOv5
+    checkpoint holds (``train.py`` saves ``ema.half()``). Zeros stay exactly zero."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            t.copy_(t.half().to(t.dtype))
+
+
 def finetune_recovery(model: nn.Module, spec: RecoverSpec, calibration: Calibration | None) -> dict[str, Any]:
     """``recover=finetune``: BatchNorm recalibration, then YOLOv5's recipe on the labeled training batches."""
     if calibration is None or calibration.train is None:
@@ -131,6 +140,7 @@ def finetune_recovery(model: nn.Module, spec: RecoverSpec, calibration: Calibrat
                        hyp=dict(spec.hyp), imgsz=calibration.imgsz, device=calibration.device,
                        progress=calibration.progress, on_step=lambda i, m: steps.append(m))
     metrics |= trained
+    round_to_half(model)  # train.py saves the EMA in FP16 and val.py evaluates those weights: the same numbers
     metrics["recover_seconds"] = trained["recover_seconds"] + metrics.get("recalibrate_seconds", 0.0)
     for key, name in contract.TRAIN_CURVES.items():  # per-step series: the MLflow UI plots them
         metrics[name] = [s[key] for s in steps]
