@@ -354,10 +354,10 @@ def test_finetune_bad_inputs_fail_before_any_run(tmp_path, assets, val128_dir, o
 
 
 def test_finetuned_weights_are_rounded_as_a_yolov5_checkpoint_holds_them():
-    from torch import nn
-
     """train.py saves the EMA as FP16 and val.py evaluates that file: every float parameter and buffer is
     rounded to FP16 (and back), zeros stay zero, integer buffers are untouched."""
+    from torch import nn
+
     from sweep.recover.methods import round_to_half
 
     torch.manual_seed(0)
