@@ -431,14 +431,19 @@ def recovery_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef],
     combos = sorted(pruned.groupby(["setting", "model", "method"], sort=False).groups,
                     key=lambda k: (k[0], model_sort_key(k[1]), k[2]))
     has_ft = (pruned["recover"].str.startswith("finetune")).any()
-    ncols = 2 if has_ft else 1
+    # with fine-tuning each row is one combination's two panels; without, the combinations fill two columns
+    ncols = 2 if has_ft or len(combos) > 2 else 1
+    nrows = max(len(combos), 1) if has_ft else max(math.ceil(len(combos) / ncols), 1)
     fs = PAGE_FONT if page is not None else 1.0
-    fig = Figure(figsize=page or (5.4 * ncols, 3.6 * max(len(combos), 1) + 1.0), layout="constrained")
-    axes = fig.subplots(max(len(combos), 1), ncols, squeeze=False)
+    fig = Figure(figsize=page or (5.4 * ncols, 3.6 * nrows + 1.0), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    if not has_ft:
+        for k in range(len(combos), nrows * ncols):
+            axes[k // ncols][k % ncols].set_axis_off()
     colours = recovery_colours(pruned["recover"])
     for row, (setting, model, method) in enumerate(combos):
         d = pruned[(pruned["setting"] == setting) & (pruned["model"] == model) & (pruned["method"] == method)]
-        ax = axes[row][0]
+        ax = axes[row][0] if has_ft else axes[row // ncols][row % ncols]
         # recovery needs the unfused order; a fused no-recovery line is still the baseline users compare with
         two_orders = d["fused"].nunique() > 1
         for (rec, fused), line in sorted(d.groupby(["recover", "fused"]), key=lambda kv: recover_sort_key(kv[0][0])):
@@ -459,7 +464,7 @@ def recovery_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef],
         ax.legend(fontsize=7.5 * fs, frameon=False)
         if not has_ft:
             continue
-        ax = axes[row][1]
+        ax = axes[row][1]  # has_ft: the fine-tune budget panel beside it
         ft = d[d["recover"].str.startswith("finetune") & (d[iters].notna() if iters in d.columns else False)]
         base = d[d["recover"] == "bn"].assign(**{iters: 0.0}) if iters in d.columns else d.iloc[0:0]
         budget = pd.concat([base, ft]) if len(ft) else ft
