@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from sweep.config import register_configs
 from sweep.job import task
-from sweep.memo import ProcessMemo
+from sweep.memo import process_memo
 from sweep.process import credentials_to_environment, setup_process
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -63,14 +63,13 @@ def main() -> None:
         sys.exit(EXIT_INPUT)
     register_configs()
     setup_process(reuse_host_memory=None)  # before Hydra logs the first override (the launcher prints them all, tracking URI included)
-    memo = ProcessMemo()  # lives for this process: checkpoints and decoded data reused across jobs
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _task(cfg: DictConfig) -> None:
         setup_process(reuse_host_memory=bool(cfg.eval.reuse_host_memory))  # process-wide, idempotent
-        task(cfg, memo)
+        task(cfg, process_memo())  # per process, not captured: a launcher pickling the task must not copy it
 
     try:
         _task()

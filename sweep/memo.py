@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,7 @@ class ProcessMemo:
                 raise DataError(f"{e} of the checkpoint model.weights={str(weights)!r} ({len(names)} classes): "
                                 f"the labels of data {spec.name!r} are not for this model") from None
             raise
+        log.info("reading the labels of %d images of %s (once per process)", len(ds), spec.name)
         gt, instances = load_ground_truth(ds, spec.annotations)
         if instances == 0:
             raise DataError(f"data {spec.name!r}: no labelled object in its {len(ds)} images (no label files "
@@ -199,3 +201,17 @@ class ProcessMemo:
             store.save(key, curves, seconds)
         self.curves = {key: curves}  # one model's at a time, like the checkpoints
         return curves, where, seconds
+
+
+_PER_PROCESS: dict[int, ProcessMemo] = {}
+
+
+def process_memo() -> ProcessMemo:
+    """This process's memo, shared by every job the process runs: the main process of a sequential sweep, or
+    each joblib / submitit worker (the task function reaches it by module reference, so launchers no longer
+    pickle a fresh, empty memo into every job). Keyed by pid: a forked child starts its own."""
+    pid = os.getpid()
+    if pid not in _PER_PROCESS:
+        _PER_PROCESS.clear()
+        _PER_PROCESS[pid] = ProcessMemo()
+    return _PER_PROCESS[pid]

@@ -137,6 +137,11 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes_and_logs_each_once(tmp_
     assert "3 done, 0 skipped, 0 failed" in p.stdout
     assert_each_job_logged_once(runs(out), sweep_dir, _names(0, 0.3, 0.5))
     print(f"joblib sweep: {time.monotonic() - t0:.1f}s")
+    # each worker keeps its per-process memo across its jobs (it used to get a fresh pickled copy per job):
+    # 3 jobs on 2 workers read the labels at most twice
+    logs = [f.read_text() for f in sweep_dir.glob("*/*.log")]
+    assert len(logs) == 3, sorted(str(f) for f in sweep_dir.rglob("*.log"))
+    assert sum("reading the labels of 4 images of coco-val128" in text for text in logs) <= 2, logs
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ from sweep.config.resolve import (check_inputs, check_values, check_writable, in
 from sweep.config.schema import ConfigError
 from sweep.contract import Outcome
 from sweep.job import USER_ERRORS
-from sweep.memo import ProcessMemo
+from sweep.memo import process_memo
 from sweep.track.spool import (EXIT_PENDING, RunRecord, RunSink, pending, pending_message, store_key,
                                upload_pending)
 from sweep.track.tracker import Tracker, TrackingError, environment_tags
@@ -208,7 +208,7 @@ class _InputFiles:
 
     def __init__(self) -> None:
         self.seen: dict[str, str] = {}  # inputs key -> "" (fine) or the error
-        self.memo = ProcessMemo()
+        self.memo = process_memo()  # the jobs of this process reuse what the pre-flight opened
 
     def check(self, job: DictConfig) -> None:
         key = inputs_key(job)
