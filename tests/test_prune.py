@@ -589,3 +589,22 @@ def test_real_channel_detects_after_bn_recalibration(v5n, val128_dir, assets):
     with torch.no_grad():
         pred, _ = model(_image(val128_dir))
     assert int((pred[0, :, 4] > 0.25).sum()) >= 3
+
+
+def test_channel_pruning_leaves_no_cyclic_garbage_behind(v5n):
+    """Torch-Pruning's dependency graph leaves its nodes and dependencies in reference cycles: prune=channel
+    frees them before returning, not whenever the collector next runs (the evaluation pauses it)."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = PRUNERS["channel"](copy.deepcopy(v5n), 0.5, cfg(method="channel"))
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("torch_pruning")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == [] and model is not None
