@@ -375,3 +375,22 @@ def test_finetuned_weights_are_rounded_as_a_yolov5_checkpoint_holds_them():
             assert torch.equal(v, before[k]), k  # num_batches_tracked
     assert (m[0].weight[0] == 0).all()
     assert not torch.equal(m[1].running_var, before["1.running_var"])  # 1/3 is not an FP16 number
+
+
+def test_recalibration_runs_without_tf32_and_restores_the_flag():
+    """On CUDA, cuDNN's TF32 default would round the convolutions' inputs during recalibration; it is off
+    for the passes (checked from inside the forward) and the caller's setting comes back afterwards."""
+    from torch import nn
+
+    from sweep.recover.methods import recalibrate_batchnorm
+
+    seen_flags = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model.register_forward_hook(lambda *_: seen_flags.append(torch.backends.cudnn.allow_tf32))
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        recalibrate_batchnorm(model, [torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8)])
+        assert seen_flags == [False] and torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before

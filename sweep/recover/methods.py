@@ -84,7 +84,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: Any, device: Any = None) ->
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        with torch.no_grad():
+        # full FP32 convolutions on CUDA (cuDNN's TF32 default rounds their inputs to 10 mantissa bits): the
+        # statistics are the same as on the CPU, where the reference figures were computed; restored after
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
+                                                         benchmark=torch.backends.cudnn.benchmark,
+                                                         deterministic=torch.backends.cudnn.deterministic,
+                                                         allow_tf32=False):
             for images in batches:
                 x = images.to(dev, non_blocking=True).to(dtype) / 255.0
                 model(x)
