@@ -94,3 +94,16 @@ def test_credentials_in_an_http_tracking_uri_move_to_mlflows_basic_auth_variable
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://carol:pw2@host:5000")
     credentials_to_environment([])
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://host:5000" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "pw2"
+
+
+def test_a_run_id_containing_503_is_not_taken_for_a_server_outage():
+    """Regression: 'No tag with name: error in run with id a3780e089c70453bae9c8cc335022609' was retried for
+    the whole window as a transient failure: the run id contains '503'. Status codes count as words only."""
+    from mlflow.exceptions import MlflowException
+
+    from sweep.track.tracker import _is_transient
+
+    assert not _is_transient(MlflowException("RESOURCE_DOES_NOT_EXIST: No tag with name: error in run with id "
+                                             "a3780e089c70453bae9c8cc335022609"))
+    assert _is_transient(MlflowException("API request failed with error code 503 != 200"))
+    assert _is_transient(ConnectionError("Connection refused"))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sweep import contract
+from sweep.process import setup_process
 from sweep.track.spool import EXIT_PENDING, pending, store_key, upload_pending
 from sweep.track.tracker import Tracker, TrackingError
 
@@ -34,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
+    setup_process(reuse_host_memory=None)  # MLflow's unredacted "View run at <URI>" lines off, log lines redacted
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     outputs = Path(args.outputs).expanduser().resolve()
     spool = outputs / contract.SPOOL_DIR

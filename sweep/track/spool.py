@@ -131,9 +131,10 @@ def replay(tracker: Any, record: RunRecord) -> str:
     from mlflow.exceptions import MlflowException
 
     run_id = record.run_id
+    existing_tags: dict[str, str] = {}
     if run_id is not None:
         try:
-            tracker._call(tracker.client.get_run, run_id)
+            existing_tags = dict(tracker._call(tracker.client.get_run, run_id).data.tags)
         except MlflowException:  # the run is gone (deleted, or another store): create it afresh
             run_id = None
     if run_id is None and record.role == contract.ROLE_JOB and record.config_hash:
@@ -152,12 +153,9 @@ def replay(tracker: Any, record: RunRecord) -> str:
     if missing:
         log.warning("spool: %d artifact file(s) of %s are gone and were not uploaded: %s", len(missing), record.name,
                     ", ".join(missing[:3]))
-    if record.status == "FINISHED" and contract.TAG_ERROR not in record.tags:
-        # another process may have closed the run as orphaned while its record waited here
-        try:
-            tracker._call(tracker.client.delete_tag, run_id, contract.TAG_ERROR)
-        except MlflowException:
-            pass  # no such tag: nothing to undo
+    if record.status == "FINISHED" and contract.TAG_ERROR not in record.tags and contract.TAG_ERROR in existing_tags:
+        # another process closed the run as orphaned while its record waited here
+        tracker._call(tracker.client.delete_tag, run_id, contract.TAG_ERROR)
     tracker.end(run_id, record.status)
     return run_id
 

@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -42,12 +43,14 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be reached or keeps refusing writes."""
 
 
+_TRANSIENT_WORDS = ("database is locked", "connection", "timed out", "timeout", "temporarily", "max retries",
+                    "remote end closed", "broken pipe", "unavailable")
+_TRANSIENT_STATUS = re.compile(r"\b50[234]\b")  # as a word: run ids are hex and may contain "503"
+
+
 def _is_transient(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}".lower()
-    return any(s in text for s in (
-        "database is locked", "connection", "timed out", "timeout", "temporarily", "503", "502", "504",
-        "max retries", "remote end closed", "broken pipe", "unavailable",
-    ))
+    return any(s in text for s in _TRANSIENT_WORDS) or _TRANSIENT_STATUS.search(text) is not None
 
 
 class Tracker:
@@ -156,10 +159,8 @@ class Tracker:
     def reopen(self, run_id: str, tags: dict[str, str]) -> None:
         """Make an ended run RUNNING again (a sweep continued by a new launch), with new tags and no error tag."""
         self._call(self.client.update_run, run_id, status="RUNNING")
-        try:
+        if TAG_ERROR in self._call(self.client.get_run, run_id).data.tags:
             self._call(self.client.delete_tag, run_id, TAG_ERROR)
-        except MlflowException:
-            pass  # it had none
         self.log(run_id, tags=tags)
 
     def claim(self, config_hash_: str, run_id: str) -> Any | None:
