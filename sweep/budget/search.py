@@ -94,11 +94,6 @@ class BudgetSearch:
         lo = max((i for i in self.values if i < hi and self.passes(i)), default=0)
         return lo, hi
 
-    @property
-    def done(self) -> bool:
-        lo, hi = self.bracket()
-        return bool(self.dense_error or self.error) or (self.dense is not None and hi - lo <= 1)
-
     def propose(self, n: int) -> list[float]:
         """The next round's points: ``n`` interior points splitting the open bracket in ``n + 1`` parts
         (every remaining one when fewer are left); none when the search is done or stopped."""
