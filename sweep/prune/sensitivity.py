@@ -28,12 +28,10 @@ on disk (:class:`CurveStore`), see ``sweep.memo.ProcessMemo.sensitivity_curves``
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +40,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 import torch.nn as nn
+
+from sweep.model.artifact import _atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +306,7 @@ class CurveStore:
         doc = {"format": FORMAT, "key": key, "seconds": seconds, "curves": data, "sha256": self._digest(data)}
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=f.parent)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(doc, fh)
-            os.replace(tmp, f)  # atomic: a reader sees the old file or the whole new one
+            # atomic (a reader sees the old file or the whole new one); the temporary file is removed on failure
+            _atomic_write(f, lambda tmp: Path(tmp).write_text(json.dumps(doc)))
         except OSError as exc:  # a read-only or full cache folder costs a re-measurement later, not the job
             log.warning("could not store sensitivity curves in %s (%s)", f.parent, exc)
-            with contextlib.suppress(OSError, UnboundLocalError):
-                os.unlink(tmp)
