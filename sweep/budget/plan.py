@@ -36,7 +36,11 @@ class Combination:
 
     index: int
     overrides: tuple[str, ...]
-    dense_group: tuple[str, ...]
+
+    @property
+    def dense_group(self) -> tuple[str, ...]:
+        """Its overrides but the pruning and recovery ones: combinations equal in these share a dense point."""
+        return tuple(o for o in self.overrides if not _under(override_key(o), DENSE_IGNORES))
 
     def point(self, sparsity: float) -> list[str]:
         return [*self.overrides, f"{SEARCHED}={sparsity:g}"]
@@ -60,8 +64,7 @@ def combinations(params: Mapping[str, Any] | None, arguments: Sequence[str],
                               "sparsity: allowed is no sparsity override with hydra/sweeper=budget (set the range "
                               "with budget.hi and budget.tol)")
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-    return [Combination(i, tuple(job), tuple(o for o in job if not _under(override_key(o), DENSE_IGNORES)))
-            for i, job in enumerate(jobs)]
+    return [Combination(i, tuple(job)) for i, job in enumerate(jobs)]
 
 
 def dense_groups(combos: Sequence[Combination]) -> dict[tuple[str, ...], list[int]]:
