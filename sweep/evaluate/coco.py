@@ -113,10 +113,6 @@ class _Identity:
         return i
 
 
-def _run_cocoeval(coco_cls: Callable, eval_cls: Callable, gt: dict, rows: list[dict], ids: list) -> CocoResult:
-    return _cocoeval(coco_cls, eval_cls, gt, rows, ids)[0]
-
-
 def _cocoeval(coco_cls: Callable, eval_cls: Callable, gt: dict, rows: list[dict], ids: list) -> tuple[CocoResult, Any]:
     """The result and the COCOeval object (its ``evalImgs`` and ``params`` for a bootstrap)."""
     buf = io.StringIO()
@@ -168,7 +164,7 @@ def _faster(gt: dict, rows: list[dict], ids: list) -> CocoResult:
     def make_eval(coco_gt, coco_dt, iou_type):
         return COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=print)
 
-    return _run_cocoeval(lambda d: COCO(d), make_eval, gt, rows, ids)
+    return _cocoeval(lambda d: COCO(d), make_eval, gt, rows, ids)[0]
 
 
 EVALUATORS: dict[str, Callable[[dict, list[dict], list], CocoResult]] = {
