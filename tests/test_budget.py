@@ -104,8 +104,9 @@ def test_a_point_that_fails_to_evaluate_stops_its_search_with_the_bracket_so_far
 
 
 def test_combinations_share_a_dense_reference_unless_another_axis_differs():
-    combos = combinations({}, ["model=yolov5n,yolov5s", "prune=l1_unstructured,global_l1", "recover=none"])
-    assert len(combos) == 4 and len(dense_groups(combos)) == 2
+    # pruning and recovery axes share the reference (its hash ignores them), the model axis does not
+    combos = combinations({}, ["model=yolov5n,yolov5s", "prune=l1_unstructured,global_l1", "recover=none,bn"])
+    assert len(combos) == 8 and len(dense_groups(combos)) == 2
     assert combos[0].point(0.25)[-1] == "sparsity=0.25"
     bn = combinations({}, ["recover=bn", "prune.fused=false", "recover.images=8"])[0]
     assert bn.dense() == ["prune.fused=False", "recover.images=8", "recover=none", "sparsity=0"]
