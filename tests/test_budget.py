@@ -58,11 +58,12 @@ def test_k_section_with_three_points_per_round_needs_fewer_rounds_for_the_same_a
 
 def test_a_non_monotone_curve_reports_the_honest_bracket_below_the_first_failure():
     # passes up to 0.20, fails in (0.20, 0.30], passes again in (0.30, 0.60]: round 1 of the 3-section
-    # evaluates 0.25 (fail), 0.50 (pass) and 0.74 (fail)
+    # evaluates 0.25 (fail), 0.50 (pass) and 0.75 (fail)
     curve = lambda s: 1.0 if s <= 0.20 or 0.30 < s <= 0.60 else 0.5  # noqa: E731
     answers, _, probes = search(curve, n=3)
     a = answers["a"]
     assert a.status == FOUND and a.non_monotone
+    assert [p.sparsity for p in probes[0] if not p.dense] == [0.25, 0.5, 0.75]
     assert a.sparsity == 0.20 and a.bracket == (0.20, 0.21)
     assert "non-monotone: 0.5 passed above the failure at 0.21" in a.reason
     evaluated = {p.sparsity for r in probes for p in r if not p.dense}
