@@ -212,3 +212,11 @@ def test_flops_counted_on_the_meta_device_equal_a_real_forward_pass(yolov5n_path
         on_meta = _count_flops(model, torch.zeros(1, 3, 320, 320, device="meta"), meta=True)
         real = _count_flops(model, torch.zeros(1, 3, 320, 320), meta=False)
         assert on_meta == real > 0
+        # gflops() itself takes the meta path (its fallback to a real pass would hide a meta failure)
+        seen: list[str] = []
+        hook = model.register_forward_pre_hook(lambda _, args: seen.append(args[0].device.type))
+        try:
+            assert gflops(model, 320) == real
+        finally:
+            hook.remove()
+        assert seen == ["meta"]
