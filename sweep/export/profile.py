@@ -18,6 +18,11 @@ def _label(i: int, module: nn.Module) -> str:
     return f"{_PREFIX}{i:03d}.{type(module).__name__}"
 
 
+def _time_column(device: torch.device, profiles: list[pd.DataFrame]) -> str:
+    """The column a profile's time is read from: kernel time on CUDA when the profiler recorded any, else CPU."""
+    return "device_ms" if device.type == "cuda" and any(df["device_ms"].sum() > 0 for df in profiles) else "cpu_ms"
+
+
 @torch.inference_mode()
 def layer_profile(model: nn.Module, *, imgsz: int, batch: int = 1, device: torch.device | str = "cpu",
                   half: bool = False, iters: int = 3, warmup: int = 1) -> pd.DataFrame:
@@ -67,7 +72,7 @@ def layer_profile(model: nn.Module, *, imgsz: int, batch: int = 1, device: torch
                      "out_channels": convs[-1].out_channels if convs else None,
                      "cpu_ms": (e.cpu_time_total / 1e3 / iters) if e else 0.0, "device_ms": dev_us / 1e3 / iters})
     df = pd.DataFrame(rows)
-    col = "device_ms" if device.type == "cuda" and df["device_ms"].sum() > 0 else "cpu_ms"
+    col = _time_column(device, [df])
     df["share"] = df[col] / max(df[col].sum(), 1e-12)
     return df
 
@@ -78,11 +83,10 @@ def layer_time_table(model: nn.Module, dense: nn.Module | None, *, imgsz: int, d
 
     One row per top-level layer: ``layer``, ``type``, ``out_channels`` / ``dense_out_channels``, ``params`` /
     ``dense_params``, ``ms`` / ``dense_ms`` (per batch-1 forward pass, the median of ``iters`` passes timed
-    alternately with the dense model: kernel time on CUDA, else CPU time) and ``speedup`` (dense_ms / ms). ``dense`` None (a dense job): the dense columns repeat the model's own.
+    alternately with the dense model: kernel time on CUDA where the profiler records it, else CPU time) and ``speedup`` (dense_ms / ms). ``dense`` None (a dense job): the dense columns repeat the model's own.
     Channel pruning shows here which layers got faster and which (the Detect head, kept whole; the
     concatenations and upsampling, no weights) did not.
     """
-    col = "device_ms" if torch.device(device).type == "cuda" else "cpu_ms"
     # alternated, one pass each per round, median per layer: the two models see the same machine load
     # (as the latency's dense reference is timed), so a busy machine does not show as a speed-up or a loss
     mine_runs, ref_runs = [], []
@@ -90,6 +94,7 @@ def layer_time_table(model: nn.Module, dense: nn.Module | None, *, imgsz: int, d
         mine_runs.append(layer_profile(model, imgsz=imgsz, device=device, half=half, iters=1, warmup=int(r == 0)))
         if dense is not None:
             ref_runs.append(layer_profile(dense, imgsz=imgsz, device=device, half=half, iters=1, warmup=int(r == 0)))
+    col = _time_column(torch.device(device), mine_runs + ref_runs)
     mine = mine_runs[0]
     ref = ref_runs[0] if ref_runs else mine
     ms = pd.concat([t[col] for t in mine_runs], axis=1).median(axis=1)
