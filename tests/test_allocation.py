@@ -217,13 +217,15 @@ def test_curves_measured_once_then_memo_then_disk(tmp_path, monkeypatch):
     # another fusion state, another level grid: measured again
     ProcessMemo().sensitivity_curves(dataclasses.replace(spec, fused=True), ckpt, calib, "cpu")
     assert len(calls) == 2
+    ProcessMemo().sensitivity_curves(dataclasses.replace(spec, levels=(0.5, 0.8)), ckpt, calib, "cpu")
+    assert len(calls) == 3
     # a damaged file is not trusted: measured again and rewritten
     for f in (tmp_path / "curves").glob("*.json"):
         doc = json.loads(f.read_text())
         doc["curves"][0]["distortion"][0] = 123.0
         f.write_text(json.dumps(doc))
     _, where4, _ = ProcessMemo().sensitivity_curves(spec, ckpt, calib, torch.device("cpu"))
-    assert where4 == "measured" and len(calls) == 3
+    assert where4 == "measured" and len(calls) == 4
 
 
 # --------------------------------------------------------------------------- the job
