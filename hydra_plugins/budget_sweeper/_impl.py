@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -97,6 +98,5 @@ def run_search(sweeper: Any, arguments: list[str]) -> list[Sequence[JobReturn]]:
 
     rounds = run_rounds(searches, groups, n, evaluate)
     rows = _rows(sweeper, combos, spec, searches)
-    answer.write(sweep_dir, {"keep": spec.keep, "metric": spec.metric, "tol": spec.tol, "hi": spec.hi, "points": n},
-                 rounds, rows)
+    answer.write(sweep_dir, asdict(spec) | {"points": n}, rounds, rows)  # points: the number the search used
     return returns
