@@ -116,7 +116,7 @@ class BudgetSearch:
         if self.dense is None:
             return Answer(OPEN, None, None, None, None, points, reason="the dense point was not evaluated")
         lo, hi = self.bracket()
-        value = self.values.get(lo, self.dense) if lo else self.dense
+        value = self.values[lo] if lo else self.dense  # lo > 0 is an evaluated passing point
         upper = self.sparsity(hi) if hi <= self.top else None
         above = sorted(i for i in self.values if i > hi and self.passes(i))
         notes = []
