@@ -146,6 +146,15 @@ def _no_data(ax, text: str = "no data") -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.5")
 
 
+def _style_axes(ax, xlabel: str, ylabel: Optional[str], fs: float, axis: str = "both", which: str = "major") -> None:
+    """Every panel's axis labels, grid and tick labels (``fs``: the font scale, PAGE_FONT on a PDF page)."""
+    ax.set_xlabel(xlabel, fontsize=9 * fs)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel, fontsize=9 * fs)
+    ax.grid(alpha=0.3, axis=axis, which=which)
+    ax.tick_params(axis=axis, labelsize=8 * fs)
+
+
 def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], panels: list[Panel],
                  style: Style, title: str, group_col: str = "setting", facet_recover: bool = True,
                  note: Optional[str] = None, page: Optional[tuple[float, float]] = None) -> Figure:
@@ -251,10 +260,7 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
             if len(groups) > 1:
                 t += f"\n{g}"
             ax.set_title(t, fontsize=10 * fs)
-            ax.set_ylabel(panel.ylabel, fontsize=9 * fs)
-            ax.set_xlabel(X_LABEL, fontsize=9 * fs)
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=8 * fs)
+            _style_axes(ax, X_LABEL, panel.ylabel, fs)
             if panel.from_zero and drawn:
                 ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)
             if not drawn:
@@ -387,10 +393,8 @@ def pareto_figure(points: pd.DataFrame, style: Style, title: str,
                 ax.margins(x=0.12, y=0.08)  # room for the front labels
             tt = t + (f"\n{g}" if len(groups) > 1 else "")
             ax.set_title(tt, fontsize=10 * fs)
-            ax.set_xlabel(xlabel + (" — log scale" if ax.get_xscale() == "log" else ""), fontsize=9 * fs)
-            ax.set_ylabel("mAP50-95", fontsize=9 * fs)
-            ax.grid(alpha=0.3, which="both")
-            ax.tick_params(labelsize=8 * fs)
+            _style_axes(ax, xlabel + (" — log scale" if ax.get_xscale() == "log" else ""), "mAP50-95", fs,
+                        which="both")
     sup = title if len(groups) > 1 else f"{title}{chr(10) if page else ' — '}{groups[0]}"
     fig.suptitle(sup, fontsize=12 * fs)
     extra = [Line2D([], [], color="0.1", lw=1.1, marker="o", mfc="none", ms=10,
@@ -457,10 +461,7 @@ def recovery_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef],
         where = f"{model} · {method}"
         ax.set_title(f"{where}: accuracy by recovery" + (f"\n{setting}" if len(set(k[0] for k in combos)) > 1
                                                           else ""), fontsize=10 * fs)
-        ax.set_xlabel(X_LABEL, fontsize=9 * fs)
-        ax.set_ylabel("mAP50-95", fontsize=9 * fs)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8 * fs)
+        _style_axes(ax, X_LABEL, "mAP50-95", fs)
         ax.legend(fontsize=7.5 * fs, frameon=False)
         if not has_ft:
             continue
@@ -477,10 +478,7 @@ def recovery_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef],
         if ref is not None and not math.isnan(ref.get("mAP50-95")):
             ax.axhline(ref.get("mAP50-95"), color="0.2", ls=DENSE_LS, lw=1.1)
         ax.set_title(f"{where}: accuracy vs fine-tune budget", fontsize=10 * fs)
-        ax.set_xlabel("fine-tune iterations run (0: BatchNorm recalibration only)", fontsize=9 * fs)
-        ax.set_ylabel("mAP50-95", fontsize=9 * fs)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8 * fs)
+        _style_axes(ax, "fine-tune iterations run (0: BatchNorm recalibration only)", "mAP50-95", fs)
         if len(budget):
             ax.legend(fontsize=7.5 * fs, frameon=False)
     if not combos:
@@ -517,9 +515,7 @@ def layer_time_figure(profiles: list[tuple[str, pd.DataFrame]], title: str,
         dense, mine = float(t["dense_ms"].sum()), float(t["ms"].sum())
         ax.set_title(f"{label}\n{dense:.1f} ms dense -> {mine:.1f} ms ({dense / mine:.2f}x)" if mine > 0 else label,
                      fontsize=9.5 * fs)
-        ax.set_xlabel("ms per batch-1 forward pass (torch.profiler)", fontsize=9 * fs)
-        ax.grid(alpha=0.3, axis="x")
-        ax.tick_params(axis="x", labelsize=8 * fs)
+        _style_axes(ax, "ms per batch-1 forward pass (torch.profiler)", None, fs, axis="x")
     if not profiles:
         _no_data(axes[0][0], "no profiled runs")
     fig.suptitle(title, fontsize=12 * fs)
