@@ -38,6 +38,12 @@ def _remove_stale_builds(out_root: Path, name: str) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _logged(frame: pd.DataFrame, name: str) -> bool:
+    """Whether any run of ``frame`` logged the metric ``name``."""
+    col = metric(name)
+    return col in frame.columns and bool(frame[col].notna().any())
+
+
 def _safe_name(s: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", str(s)).strip("._") or "sweep"
     return name[:120]
@@ -206,8 +212,7 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
         notes.append(f"{_plural(len(multi), 'configuration')} ran with several prune.seed values (up to "
                      f"{int(multi['n_seeds'].max())}): figures show their mean with a shaded min–max band over the "
                      "seeds; the table 'Across seeds' gives mean (min–max) and the seeds")
-    has_ci = metric(contract.interval_metrics("mAP50-95")[0]) in ok.columns and \
-        ok[metric(contract.interval_metrics("mAP50-95")[0])].notna().any()
+    has_ci = _logged(ok, contract.interval_metrics("mAP50-95")[0])
     if has_ci:
         n_boot = sorted({int(v) for v in ok.get(metric(contract.BOOTSTRAP_RESAMPLES), pd.Series(dtype=float)).dropna()})
         notes.append(f"error bars on the accuracy curves: {100 * contract.INTERVAL_LEVEL:.0f}% percentile bootstrap "
@@ -253,16 +258,16 @@ def build_report(tracking_uri: Optional[str] = None, experiment: str = DEFAULT_E
     for b in sorted({b for c in df.columns if (b := contract.ort_latency_batch_of(c[len("metrics."):])) is not None}):
         latency.append((contract.ort_latency_batch_metric(b), f"ONNX Runtime latency, batch {b}",
                         f"ONNX Runtime (ms / image, batch {b})"))
-    if metric(contract.ORT_LATENCY_B1) in ok.columns and ok[metric(contract.ORT_LATENCY_B1)].notna().any():
+    if _logged(ok, contract.ORT_LATENCY_B1):
         flat = sorted(_uniq(ok[~ok["is_dense"] & (ok["method"] != "channel")]["method"]))
         if flat:
             notes.append(f"ONNX Runtime latency stays flat for {', '.join(flat)}: these methods zero weights but "
                          "keep every tensor's shape, so the runtime's dense kernels do the same work; only "
                          "prune=channel removes channels, and with them time.")
     for name, title, ylabel in latency:
-        if metric(name) in df.columns and df[metric(name)].notna().any():
-            q1 = metric(contract.latency_quartiles(name)[0])  # ONNX Runtime's medians come without quartiles
-            speed.append(F.latency_panel(name, title, ylabel, quartiles=q1 in df.columns and df[q1].notna().any()))
+        if _logged(df, name):
+            quartiles = _logged(df, contract.latency_quartiles(name)[0])  # ONNX Runtime's medians come without
+            speed.append(F.latency_panel(name, title, ylabel, quartiles=quartiles))
     # cost does not depend on recovery: one curve per (model, method), the unrecovered run preferred
     speed_points = curve_points_t.sort_values("recover_key", kind="stable").drop_duplicates(
         ["timing_setting", "model", "method", "fused", "scope", "target"]).sort_index()
