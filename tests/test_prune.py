@@ -117,6 +117,16 @@ def cfg(**kw) -> PruneSpec:
     return PruneSpec(**base)
 
 
+def cfg_for(method: str, model: nn.Module, sparsity: float, **kw) -> PruneSpec:
+    """``cfg(**kw)``, and for prune=sensitivity what the job's allocation stage hands it: per-layer counts
+    (here ``round(sparsity * n)`` for every selected conv)."""
+    spec = cfg(**kw)
+    if method == "sensitivity":
+        spec = cfg(**kw, allocation=tuple((n, round(sparsity * m.weight.numel()))
+                                          for n, m in select_convs(model, spec.include, spec.exclude).items()))
+    return spec
+
+
 def zeros(t: torch.Tensor) -> int:
     return int((t == 0).sum())
 
@@ -283,21 +293,17 @@ def test_sparsity_zero_is_a_no_op(tiny, method):
 @pytest.mark.parametrize("method", list(PRUNERS))
 def test_pruning_a_copy_leaves_the_pristine_model_untouched(tiny, method):
     snap = snapshot(tiny)
-    spec = cfg(exclude=["model.4.*"])
-    if method == "sensitivity":  # the job's allocation stage hands it per-layer counts
-        spec = cfg(exclude=["model.4.*"], allocation=tuple(
-            (n, round(0.5 * m.weight.numel())) for n, m in select_convs(tiny, [], ["model.4.*"]).items()))
-    pruned = PRUNERS[method](copy.deepcopy(tiny), 0.5, spec)
+    pruned = PRUNERS[method](copy.deepcopy(tiny), 0.5, cfg_for(method, tiny, 0.5, exclude=["model.4.*"]))
     assert same_state(tiny, snap)
     assert not same_state(pruned, snap)
 
 
-@pytest.mark.parametrize("method", UNSTRUCTURED)
+@pytest.mark.parametrize("method", [*UNSTRUCTURED, "lamp", "sensitivity"])
 def test_masks_permanent_and_state_dict_keys_unchanged(tiny, method):
     keys = list(tiny.state_dict())
     fuse_tiny(tiny)  # convs with bias: prune re-registers weight after bias, order restored
     keys_fused = list(tiny.state_dict())
-    PRUNERS[method](tiny, 0.3, cfg())
+    PRUNERS[method](tiny, 0.3, cfg_for(method, tiny, 0.3))
     assert is_permanent(tiny)
     assert list(tiny.state_dict()) == keys_fused
     assert not any(k.endswith(("_orig", "_mask")) for k in keys_fused + keys)
