@@ -48,7 +48,7 @@ from sweep.prune import PRUNERS, accounting, select_convs
 from sweep.prune.sensitivity import allocate, allocation_table, write_allocation
 from sweep.recover import RECOVERERS, Calibration
 from sweep.track import Tracker, TrackingError, environment_tags
-from sweep.track.spool import EXIT_PENDING, RunRecord, RunSink, pending_message, store_key, upload_pending
+from sweep.track.spool import EXIT_PENDING, RunRecord, RunSink, pending_message, upload_pending
 
 log = logging.getLogger(__name__)
 
@@ -272,19 +272,18 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
             log.info("timing latency: batch 1 and %d, %d iterations each%s...", ev.batch, ev.latency_iters,
                      ", the dense model alternately" if spec.sparsity else "")
             with sw.stage("latency"):
-                dense = memo.dense_model(spec.model.sha256, ckpt.model, device, ev.half) if spec.sparsity else None
-                lat = latency(model, ev, device, dense)
+                lat = latency(model, ev, device, _dense_reference(spec, ckpt, memo, device, ev.half))
         if ev.profile:
             log.info("profiling per-layer time (torch.profiler, batch 1)%s...", ", and the dense model" if spec.sparsity else "")
             with sw.stage("profile"):
-                dense = memo.dense_model(spec.model.sha256, ckpt.model, device, ev.half) if spec.sparsity else None
-                table = layer_time_table(model, dense, imgsz=ev.imgsz, device=device, half=ev.half)
+                table = layer_time_table(model, _dense_reference(spec, ckpt, memo, device, ev.half), imgsz=ev.imgsz,
+                                         device=device, half=ev.half)
             table.to_csv(out / contract.LAYER_PROFILE_CSV, index=False)
             files.append(out / contract.LAYER_PROFILE_CSV)
             lat |= {contract.PROFILE_MS_B1: float(table["ms"].sum()),
                     contract.PROFILE_DENSE_MS_B1: float(table["dense_ms"].sum())}
     if spec.prune.save or "onnxruntime" in ev.runtimes:
-        dense = memo.dense_model(spec.model.sha256, ckpt.model) if spec.sparsity else None  # FP32, as exported
+        dense = _dense_reference(spec, ckpt, memo)  # on the CPU in FP32, as the model is exported
         deployed, deployed_files = save_and_deploy(model, dense, spec, device, out, sw)
         lat |= deployed
         files += deployed_files
@@ -304,6 +303,12 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
     if allocation is not None:
         files += write_allocation(allocation, out, spec.sparsity)
     return metrics, files
+
+
+def _dense_reference(spec: JobSpec, ckpt: LoadedCheckpoint, memo: ProcessMemo, device: torch.device | str = "cpu",
+                     half: bool = False) -> nn.Module | None:
+    """The fused dense model timed against the job's (the process's one copy), or None for a dense job."""
+    return memo.dense_model(spec.model.sha256, ckpt.model, device, half) if spec.sparsity else None
 
 
 def interval_metrics(coco: CocoResult) -> dict[str, float]:
@@ -339,22 +344,9 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
             if not ctx.sweep_id:  # a single run; a multirun's callback does this once at sweep start
                 upload_pending(tracker, spec.track.spool)
                 tracker.close_orphans()
-            if spec.resume:
-                prev = tracker.finished_run(spec.config_hash)
-                if prev is not None and not contract.has_interval(prev.data.metrics, spec.eval.bootstrap):
-                    # eval.bootstrap is not in the config hash (it adds intervals, the numbers stay the same), so
-                    # a finished run without the interval asked for is measured again rather than skipped
-                    log.info("re-run %s: FINISHED run %s of config_hash %s has no %d-resample confidence interval "
-                             "(eval.bootstrap)", spec.run_name, prev.info.run_id, spec.config_hash,
-                             spec.eval.bootstrap)
-                    prev = None
-                if prev is not None:
-                    log.info("skip %s: config_hash %s already has FINISHED run %s (%s); resume=false forces a re-run",
-                             spec.run_name, spec.config_hash, prev.info.run_id, prev.info.run_name)
-                    if ctx.sweep_id and prev.data.tags.get(contract.TAG_SWEEP_ID) != ctx.sweep_id:
-                        tracker.log(prev.info.run_id, tags={contract.also_in_sweep_tag(ctx.sweep_id): "true"})
-                    return Outcome("skipped", spec.run_name, prev.info.run_id,
-                                   f"same config as run {prev.info.run_id}", dict(prev.data.metrics))
+            done = _finished_point(tracker, spec, ctx) if spec.resume else None
+            if done is not None:
+                return done
         except TrackingError as exc:
             log.warning("tracking store unavailable (%s): %s is evaluated without the resume check and its record "
                         "kept locally", exc, spec.run_name)
@@ -364,11 +356,10 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     sink = None
     if spec.track.enabled:
-        sink = RunSink(tracker, spec.track.spool, RunRecord(
-            spec.run_name, store_key(spec.track.uri, spec.track.experiment), contract.redact(spec.track.uri),
-            sweep_id=ctx.sweep_id, config_hash=spec.config_hash, tags=job_tags(spec, ctx)))
+        sink = RunSink(tracker, spec.track.spool, RunRecord.of(spec.track, spec.run_name, sweep_id=ctx.sweep_id,
+                                                               config_hash=spec.config_hash, tags=job_tags(spec, ctx)))
         sink.start()
-        if spec.resume and sink.online and sink.run_id:
+        if spec.resume and sink.online:
             reused = _hold_or_reuse(sink, spec, ctx)
             if reused is not None:
                 return reused
@@ -396,6 +387,26 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
         if sink is not None:
             _record_failure(sink, ctx.output_dir, exc)
         raise
+
+
+def _finished_point(tracker: Tracker, spec: JobSpec, ctx: JobContext) -> Outcome | None:
+    """The job's outcome when resume finds a FINISHED run of its config hash (the job is skipped), else None.
+
+    ``eval.bootstrap`` is not in the config hash (it adds intervals, the numbers stay the same), so a finished
+    run without the interval asked for is measured again rather than skipped."""
+    prev = tracker.finished_run(spec.config_hash)
+    if prev is None:
+        return None
+    if not contract.has_interval(prev.data.metrics, spec.eval.bootstrap):
+        log.info("re-run %s: FINISHED run %s of config_hash %s has no %d-resample confidence interval "
+                 "(eval.bootstrap)", spec.run_name, prev.info.run_id, spec.config_hash, spec.eval.bootstrap)
+        return None
+    log.info("skip %s: config_hash %s already has FINISHED run %s (%s); resume=false forces a re-run",
+             spec.run_name, spec.config_hash, prev.info.run_id, prev.info.run_name)
+    if ctx.sweep_id and prev.data.tags.get(contract.TAG_SWEEP_ID) != ctx.sweep_id:
+        tracker.log(prev.info.run_id, tags={contract.also_in_sweep_tag(ctx.sweep_id): "true"})
+    return Outcome("skipped", spec.run_name, prev.info.run_id, f"same config as run {prev.info.run_id}",
+                   dict(prev.data.metrics))
 
 
 def _hold_or_reuse(sink: RunSink, spec: JobSpec, ctx: JobContext) -> Outcome | None:
@@ -471,7 +482,7 @@ def _record_failure(sink: RunSink, output_dir: Path, exc: BaseException) -> None
     tb.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     try:
         sink.log_artifacts([tb])
-        sink.log(tags={contract.TAG_ERROR: f"{type(exc).__name__}: {exc}"[:5000]})
+        sink.log(tags={contract.TAG_ERROR: f"{type(exc).__name__}: {exc}"})
         sink.end("FAILED")
     except Exception as log_exc:  # noqa: BLE001 - the job's own error matters more
         log.error("could not record the failure in MLflow: %s", log_exc)

@@ -41,8 +41,7 @@ from sweep.config.schema import ConfigError
 from sweep.contract import Outcome
 from sweep.job import USER_ERRORS
 from sweep.memo import process_memo
-from sweep.track.spool import (EXIT_PENDING, RunRecord, RunSink, pending, pending_message, store_key,
-                               upload_pending)
+from sweep.track.spool import EXIT_PENDING, RunRecord, RunSink, pending, pending_message, upload_pending
 from sweep.track.tracker import Tracker, TrackingError, environment_tags
 
 log = logging.getLogger(__name__)
@@ -322,8 +321,8 @@ class SweepCallback(Callback):
         except TrackingError as exc:
             log.warning("the MLflow store did not answer at the end of the sweep: %s", exc)
             tracker = None
-        record = RunRecord(f"sweep-{sweep_dir.name}", store_key(spec.uri, spec.experiment), contract.redact(spec.uri),
-                           role=contract.ROLE_PARENT, run_id=self.parent_run_id, sweep_id=sweep_dir.name)
+        record = RunRecord.of(spec, f"sweep-{sweep_dir.name}", role=contract.ROLE_PARENT, run_id=self.parent_run_id,
+                              sweep_id=sweep_dir.name)
         sink = RunSink(tracker, spec.spool, record)
         tags: dict[str, Any] = dict(_counts(outcomes))
         if failed:  # the runs table must not show a sweep with failed jobs as a success

@@ -24,10 +24,11 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sweep import contract
 from sweep.assets import file_lock
+from sweep.config.spec import TrackSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class RunRecord:
     created: float = field(default_factory=time.time)
     format: int = FORMAT
 
+    @classmethod
+    def of(cls, track: TrackSpec, name: str, **fields: Any) -> "RunRecord":
+        """The record of run ``name`` in ``track``'s store and experiment."""
+        return cls(name, store_key(track.uri, track.experiment), contract.redact(track.uri), **fields)
+
     def save(self, spool: Path) -> Path:
         spool.mkdir(parents=True, exist_ok=True)
         path = spool / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.role}-{uuid.uuid4().hex[:8]}.json"
@@ -82,18 +88,25 @@ class RunRecord:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def pending(spool: Path, store: str | None = None) -> list[Path]:
-    """The record files in ``spool`` (of one store when given), oldest first."""
+def _records(spool: Path, store: str | None = None) -> list[tuple[RunRecord, Path]]:
+    """The records in ``spool`` (of one store when given) with their files, oldest first."""
     if not spool.is_dir():
         return []
     found = []
     for path in sorted(spool.glob("*.json")):
         try:
-            if store is None or RunRecord.load(path).store == store:
-                found.append(path)
+            record = RunRecord.load(path)
         except (OSError, ValueError, TypeError) as exc:
             log.warning("spool: ignoring %s (%s)", path, exc)
+            continue
+        if store is None or record.store == store:
+            found.append((record, path))
     return found
+
+
+def pending(spool: Path, store: str | None = None) -> list[Path]:
+    """The record files in ``spool`` (of one store when given), oldest first."""
+    return [path for _, path in _records(spool, store)]
 
 
 def upload_pending(tracker: Any, spool: Path) -> tuple[int, int]:
@@ -105,13 +118,12 @@ def upload_pending(tracker: Any, spool: Path) -> tuple[int, int]:
     """
     from sweep.track.tracker import TrackingError
 
-    key = store_key(tracker.uri, tracker.experiment)
-    if not pending(spool, key):
+    if not spool.is_dir():  # nothing was ever spooled: no lock file either
         return 0, 0
     uploaded = 0
     with file_lock(spool / LOCK):
-        paths = pending(spool, key)
-        records = sorted(((RunRecord.load(p), p) for p in paths), key=lambda rp: rp[0].role == contract.ROLE_PARENT)
+        records = sorted(_records(spool, store_key(tracker.uri, tracker.experiment)),
+                         key=lambda rp: rp[0].role == contract.ROLE_PARENT)
         for record, path in records:
             try:
                 run_id = replay(tracker, record)
@@ -122,8 +134,7 @@ def upload_pending(tracker: Any, spool: Path) -> tuple[int, int]:
             path.unlink()
             uploaded += 1
             log.info("spool: uploaded %s %s as run %s", record.role, record.name, run_id)
-    left = len(pending(spool, key))
-    return uploaded, left
+    return uploaded, len(records) - uploaded
 
 
 def replay(tracker: Any, record: RunRecord) -> str:
@@ -145,8 +156,8 @@ def replay(tracker: Any, record: RunRecord) -> str:
                 tracker.log(prev.info.run_id, tags={contract.also_in_sweep_tag(record.sweep_id): "true"})
             return prev.info.run_id
     if run_id is None:
-        parent = tracker.parent_run(record.sweep_id) if record.sweep_id and record.role == contract.ROLE_JOB else None
-        run_id = tracker.start_run(record.name, record.tags, parent.info.run_id if parent else None)
+        run_id = tracker.start_job_run(record.name, record.tags, record.sweep_id) \
+            if record.role == contract.ROLE_JOB else tracker.start_run(record.name, record.tags)
     tracker.log(run_id, params=record.params, metrics=record.metrics, tags=record.tags)
     tracker.log_artifacts(run_id, [Path(a) for a in record.artifacts if Path(a).is_file()])
     missing = [a for a in record.artifacts if not Path(a).is_file()]
@@ -180,26 +191,28 @@ class RunSink:
 
     @property
     def online(self) -> bool:
-        return self.tracker is not None
+        """Whether writes still reach the store: it answered, and the run exists there."""
+        return self.tracker is not None and self.record.run_id is not None
 
-    def _send(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _send(self, what: str, write: Callable[[Any], Any]) -> None:
+        """``write(tracker)`` while the store answers; on ``TrackingError`` the sink goes offline."""
         from sweep.track.tracker import TrackingError
 
         if self.tracker is None:
             return
         try:
-            fn(*args, **kwargs)
+            write(self.tracker)
         except TrackingError as exc:
             log.warning("tracking: %s of %s not logged (%s); the run's record is kept locally and uploaded when "
                         "the store answers again", what, self.record.name, exc)
             self.tracker = None
 
     def start(self) -> None:
-        """Create the run (nested under its sweep's parent run) when the store answers."""
-        def create() -> None:
-            r = self.record
-            parent = self.tracker.parent_run(r.sweep_id) if r.sweep_id and r.role == contract.ROLE_JOB else None
-            r.run_id = self.tracker.start_run(r.name, r.tags, parent.info.run_id if parent else None)
+        """Create the job's run (nested under its sweep's parent run) when the store answers."""
+        r = self.record
+
+        def create(tracker: Any) -> None:
+            r.run_id = tracker.start_job_run(r.name, r.tags, r.sweep_id)
 
         self._send("the run's creation", create)
 
@@ -208,26 +221,23 @@ class RunSink:
         self.record.params.update(params or {})
         self.record.metrics.update(metrics or {})
         self.record.tags.update({k: str(v) for k, v in (tags or {}).items()})
-        if self.record.run_id is not None:
-            self._send("params/metrics/tags", self.tracker.log if self.tracker else None, self.record.run_id,
-                       params=params, metrics=metrics, tags=tags)
-        else:
-            self.tracker = None  # no run to log into: the record carries everything
+        if self.online:
+            self._send("params/metrics/tags", lambda t: t.log(self.run_id, params=params, metrics=metrics, tags=tags))
 
     def log_artifacts(self, paths: list[Path]) -> None:
         self.record.artifacts.extend(str(Path(p).resolve()) for p in paths)
-        if self.record.run_id is not None:
-            self._send("artifacts", self.tracker.log_artifacts if self.tracker else None, self.record.run_id, paths)
+        if self.online:
+            self._send("artifacts", lambda t: t.log_artifacts(self.run_id, paths))
 
     def end(self, status: str, quick: bool = False) -> bool:
         """End the run with ``status``; True when the record had to be spooled (upload pending).
         ``quick``: retry for a few seconds at most (the process is being interrupted)."""
         self.record.status = status
-        if self.tracker is not None and self.record.run_id is not None:
+        if self.online:
             if quick:
                 self.tracker.retry_window = min(self.tracker.retry_window, QUICK_WINDOW)
-            self._send("the run's end", self.tracker.end, self.record.run_id, status)
-        if self.tracker is not None and self.record.run_id is not None:
+            self._send("the run's end", lambda t: t.end(self.run_id, status))
+        if self.online:
             return False
         if self.spool is None:
             log.error("tracking: %s could not be logged and no spool folder is set: its record is lost", self.record.name)
@@ -238,7 +248,7 @@ class RunSink:
         return True
 
 
-def pending_message(count: int, track: Any) -> str:
+def pending_message(count: int, track: TrackSpec) -> str:
     """What to do about records left in the spool (the summary's last line)."""
     outputs = track.spool.parent if track.spool else Path(contract.DEFAULT_OUTPUTS)
     return (f"{count} run record(s) pending upload in {track.spool}: the MLflow store {contract.redact(track.uri)} did "

@@ -30,7 +30,8 @@ from mlflow.tracking import MlflowClient
 from sweep.assets import file_lock
 from sweep.config.spec import TrackSpec
 from sweep.contract import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ROLE_PARENT, TAG_CONFIG_HASH, TAG_ERROR, TAG_HOST,
-                            TAG_PID, TAG_ROLE, TAG_SIGNATURE, TAG_SWEEP_ID, continued_tag, redact)
+                            TAG_PID, TAG_ROLE, TAG_SIGNATURE, TAG_SWEEP_ID, continued_tag, redact,
+                            sqlite_file)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -197,6 +198,11 @@ class Tracker:
         run = self._call(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
+    def start_job_run(self, name: str, tags: dict[str, str], sweep_id: str | None) -> str:
+        """A job's run, nested under the parent run of its sweep (launch ``sweep_id``) when there is one."""
+        parent = self.parent_run(sweep_id) if sweep_id else None
+        return self.start_run(name, tags, parent.info.run_id if parent else None)
+
     def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
             tags: dict[str, Any] | None = None) -> None:
         now = int(time.time() * 1000)
@@ -297,10 +303,8 @@ def _store_creation_lock(uri: str) -> Any:
     A no-op for other stores."""
     from contextlib import nullcontext
 
-    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
-        return nullcontext()
-    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-    return file_lock(db.with_name(f".{db.name}.lock"))
+    db = sqlite_file(uri)
+    return nullcontext() if db is None else file_lock(db.with_name(f".{db.name}.lock"))
 
 
 def _param_value(v: Any) -> str:
