@@ -339,33 +339,8 @@ def ensure_dataset(name: str, cache: str | os.PathLike, downloads: Sequence[Mapp
     renamed onto the dataset folder only when complete.
     """
     root = dataset_path(cache, name)
-    if root.is_dir():
-        return root
-    specs = [_download_spec(item) for item in downloads]
-    if not specs:
-        raise AssetError(f"dataset {name!r} is not in {root} and has no download entries")
-    if not writable(root.parent):  # a folder of inputs: no lock, no staging folder, no archives
-        raise AssetError(f"dataset {name!r} is not in {root}, and {_read_only(root.parent)}; or put the extracted "
-                         f"dataset at {root}, or point data.path at it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(root.parent / f".{name}.lock"):
-        if root.is_dir():
-            return root
-        for stale in root.parent.glob(f".{name}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        archives = _fetch_all(name, root, specs, Path(cache), progress)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root.parent))
-        try:
-            for spec, archive in zip(specs, archives):
-                extract_zip(archive, staging / spec["dir"] if spec["dir"] else staging, strip=spec["strip"])
-            os.replace(staging, root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    if not keep_archives:
-        for archive in archives:
-            archive.unlink(missing_ok=True)
-    return root
+    return _install(name, root, "", root.parent, cache, downloads, progress, keep_archives,
+                    f"or put the extracted dataset at {root}, or point data.path at it")
 
 
 def ensure_split(name: str, cache: str | os.PathLike, split: str, downloads: Sequence[Mapping[str, Any]], *,
@@ -375,31 +350,40 @@ def ensure_split(name: str, cache: str | os.PathLike, split: str, downloads: Seq
     only some jobs need. The archives are extracted into a hidden staging folder inside the dataset and the
     split folder is renamed into place only when complete. Returns the split folder."""
     root = dataset_path(cache, name)
-    target = root / split
+    return _install(f"{name}/{split}", root / split, split, root, cache, downloads, progress, keep_archives,
+                    f"or put the images at {root / split}")
+
+
+def _install(name: str, target: Path, inside: str, home: Path, cache: str | os.PathLike,
+             downloads: Sequence[Mapping[str, Any]], progress: bool, keep_archives: bool, hint: str) -> Path:
+    """``target``, downloaded when missing: the archives are extracted into a hidden staging folder in ``home``
+    and its ``inside`` part ('' : all of it) is renamed onto ``target`` when complete, once, under a lock in
+    ``home`` (concurrent processes wait, then find it). Nothing is written where the mode bits say read-only."""
     if target.is_dir():
         return target
     specs = [_download_spec(item) for item in downloads]
     if not specs:
-        raise AssetError(f"{target} does not exist and dataset {name!r} has no download entries for it")
-    if not writable(root):
-        raise AssetError(f"{target} does not exist, and {_read_only(root)}; or put the images at {target}")
-    root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / f".{PurePosixPath(split).name}.lock"):
+        raise AssetError(f"dataset {name!r} is not in {target} and has no download entries")
+    if not writable(home):  # a folder of inputs: no lock, no staging folder, no archives
+        raise AssetError(f"dataset {name!r} is not in {target}, and {_read_only(home)}; {hint}")
+    home.mkdir(parents=True, exist_ok=True)
+    with file_lock(home / f".{target.name}.lock"):
         if target.is_dir():
             return target
-        for stale in root.glob(".split.*.tmp"):
+        for stale in home.glob(f".{target.name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        archives = _fetch_all(f"{name}/{split}", target, specs, Path(cache), progress)
-        staging = Path(tempfile.mkdtemp(prefix=".split.", suffix=".tmp", dir=root))
+        archives = _fetch_all(name, target, specs, Path(cache), progress)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=home))
         try:
             for spec, archive in zip(specs, archives):
                 extract_zip(archive, staging / spec["dir"] if spec["dir"] else staging, strip=spec["strip"])
-            if not (staging / split).is_dir():
-                raise AssetError(f"the archives of {target} hold no {split}/ folder: their entries do not fit")
+            built = staging / inside if inside else staging
+            if not built.is_dir():
+                raise AssetError(f"the archives of {target} hold no {inside}/ folder: their entries do not fit")
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / split, target)
+            os.replace(built, target)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # what is left of it (nothing when it became the target)
     if not keep_archives:
         for archive in archives:
             archive.unlink(missing_ok=True)

@@ -282,6 +282,13 @@ def default_store(outputs: str | os.PathLike = DEFAULT_OUTPUTS) -> tuple[str, st
     return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None: another kind of store, or in memory)."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
 def tracking_uri(configured: str | None = None, outputs: str | os.PathLike = DEFAULT_OUTPUTS) -> str:
     """``configured`` > ``$MLFLOW_TRACKING_URI`` > :func:`default_store`'s URI."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store(outputs)[0]

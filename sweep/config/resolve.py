@@ -166,18 +166,21 @@ def _outputs(c: Mapping[str, Any]) -> Path:
     return out
 
 
+def _cache_folder(value: str | None, name: str) -> Path | None:
+    """A ``paths.*`` cache setting: null -> the per-user cache folder's ``<name>/``; '' -> none (no disk cache)."""
+    if value is None:
+        return assets.default_cache_dir() / name
+    return Path(value).expanduser() if str(value).strip() else None
+
+
 def preprocessed_dir(value: str | None) -> Path | None:
     """``paths.preprocessed``: null -> the per-user cache folder's ``preprocessed/``; '' -> no disk cache."""
-    if value is None:
-        return assets.default_cache_dir() / "preprocessed"
-    return Path(value).expanduser() if str(value).strip() else None
+    return _cache_folder(value, "preprocessed")
 
 
 def curves_dir(value: str | None) -> Path | None:
     """``paths.curves``: null -> the per-user cache folder's ``curves/``; '' -> kept in the process only."""
-    if value is None:
-        return assets.default_cache_dir() / "curves"
-    return Path(value).expanduser() if str(value).strip() else None
+    return _cache_folder(value, "curves")
 
 
 def _model(c: Mapping[str, Any], cache: Path, memo: Any) -> ModelSpec:
@@ -351,6 +354,14 @@ def resolve_budget(cfg: DictConfig | Mapping[str, Any]) -> BudgetSpec:
 # ------------------------------------------------------------------------------- the job
 
 
+def _probe_write(folder: Path) -> None:
+    """Create ``folder`` and write a file in it (permission bits do not stop root; a read-only mount does)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def check_writable(cfg: DictConfig) -> None:
     """Refuse, with one message naming the folder or store, outputs the process cannot write: checked by
     writing (a probe file, an SQLite write transaction rolled back), since permission bits do not stop
@@ -358,36 +369,29 @@ def check_writable(cfg: DictConfig) -> None:
     c = _container(cfg)
     out = _outputs(c)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        _probe_write(out)
     except OSError as exc:
         raise ConfigError(f"paths.outputs={str(out)!r} is not writable ({exc.strerror or exc}): allowed is a folder "
                           "this user can create and write; set paths.outputs=DIR") from None
-    if not c["mlflow"]["enabled"]:
-        return
     uri = resolve_tracking(c).uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
-        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-            probe = db.parent / f".write-probe-{os.getpid()}"  # the store's lock and journal files live beside it
-            probe.write_bytes(b"")
-            probe.unlink()
-            if db.exists():
-                conn = sqlite3.connect(db, timeout=30)
-                try:  # a real write, rolled back: opening and BEGIN succeed on a read-only file system
-                    version = conn.execute("PRAGMA user_version").fetchone()[0]
-                    conn.execute("BEGIN IMMEDIATE")
-                    conn.execute(f"PRAGMA user_version = {int(version)}")
-                    conn.rollback()
-                finally:
-                    conn.close()
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"mlflow.tracking_uri={contract.redact(uri)!r}: the SQLite store is not writable "
-                              f"({exc}): allowed is a store this user can write; make {db} (and its folder) "
-                              "writable or set mlflow.tracking_uri") from None
+    db = contract.sqlite_file(uri) if c["mlflow"]["enabled"] else None
+    if db is None:
+        return
+    try:
+        _probe_write(db.parent)  # the store's lock and journal files live beside it
+        if db.exists():
+            conn = sqlite3.connect(db, timeout=30)
+            try:  # a real write, rolled back: opening and BEGIN succeed on a read-only file system
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(f"PRAGMA user_version = {int(version)}")
+                conn.rollback()
+            finally:
+                conn.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"mlflow.tracking_uri={contract.redact(uri)!r}: the SQLite store is not writable "
+                          f"({exc}): allowed is a store this user can write; make {db} (and its folder) "
+                          "writable or set mlflow.tracking_uri") from None
 
 
 def semantic_config(c: Mapping[str, Any], weights_sha256: str, device: torch.device, half: bool,
