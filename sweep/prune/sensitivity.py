@@ -302,7 +302,7 @@ class CurveStore:
         f = self.path(key)
         if f is None:
             return
-        data = [asdict(c) | {"counts": list(c.counts), "distortion": list(c.distortion)} for c in curves]
+        data = [asdict(c) for c in curves]  # tuples: JSON lists, the same digest as the lists read back
         doc = {"format": FORMAT, "key": key, "seconds": seconds, "curves": data, "sha256": self._digest(data)}
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
