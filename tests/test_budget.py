@@ -115,6 +115,32 @@ def test_combinations_share_a_dense_reference_unless_another_axis_differs():
         combinations({"sparsity": "0.1,0.2"}, ["model=yolov5n"])
 
 
+def test_a_job_is_judged_by_the_outcome_json_it_wrote(tmp_path):
+    """The sweeper reads each job's metric from its outcome.json: done or skipped alike, a failed job's reason,
+    a missing file or metric said so; a task that raised stops the sweep as with the basic sweeper."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.budget_sweeper._impl import point_result
+
+    def job(name, outcome=None, status=JobStatus.COMPLETED, value=None):
+        out = tmp_path / name
+        if outcome is not None:
+            outcome.save(out)
+        hydra_cfg = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(out)}}})
+        return JobReturn(hydra_cfg=hydra_cfg, status=status, _return_value=value)
+
+    assert point_result(job("0", contract.Outcome("done", "a", metrics={"mAP50": 0.4})), "mAP50") == Result(0.4, "")
+    assert point_result(job("1", contract.Outcome("skipped", "a", metrics={"mAP50": 1})), "mAP50") == Result(1.0, "")
+    assert point_result(job("2", contract.Outcome("failed", "a", reason="out of memory")), "mAP50") == \
+        Result(None, "out of memory")
+    assert point_result(job("3", contract.Outcome("done", "a", metrics={"mAP50": 0.4})), "mAP75") == \
+        Result(None, "mAP75 missing")
+    assert point_result(job("4"), "mAP50") == Result(None, f"no outcome.json in {tmp_path / '4'}")
+    with pytest.raises(RuntimeError, match="task broke"):
+        point_result(job("5", status=JobStatus.FAILED, value=RuntimeError("task broke")), "mAP50")
+
+
 # -- input checks, in process (as the sweep callback runs them before the parent run) ---------------------------
 def check(tmp_path, *overrides):
     from hydra import compose, initialize_config_dir
