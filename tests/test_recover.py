@@ -377,6 +377,20 @@ def test_finetuned_weights_are_rounded_as_a_yolov5_checkpoint_holds_them():
     assert not torch.equal(m[1].running_var, before["1.running_var"])  # 1/3 is not an FP16 number
 
 
+def test_finetune_recovery_returns_the_weights_a_yolov5_checkpoint_would_hold(pruned):
+    """recover=finetune ends on FP16-rounded weights (the helper above, called by the recoverer)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, IMGSZ, IMGSZ), generator=g, dtype=torch.uint8)
+    labels = torch.tensor([[0, 1, 0.3, 0.4, 0.2, 0.3], [1, 7, 0.7, 0.6, 0.5, 0.4]])
+    cal = calibration_of(synthetic_batches(n=2, batch=2))
+    cal.train = lambda epoch: [(images, labels)]
+    metrics = RECOVERERS["finetune"](pruned, RecoverSpec("finetune", batch=2, iters=1), cal)
+    assert metrics["recover_steps"] == 1
+    for name, t in [*pruned.named_parameters(), *pruned.named_buffers()]:
+        if t.is_floating_point():
+            assert torch.equal(t, t.half().float()), name
+
+
 def test_recalibration_runs_without_tf32_and_restores_the_flag():
     """On CUDA, cuDNN's TF32 default would round the convolutions' inputs during recalibration; it is off
     for the passes (checked from inside the forward) and the caller's setting comes back afterwards."""
