@@ -6,4 +6,5 @@ from sweep.export.onnx import (ATOL, RTOL, MatchResult, OutputMismatchError, Run
 from sweep.export.profile import layer_profile, layer_time_table
 
 __all__ = ["ATOL", "RTOL", "MatchResult", "OutputMismatchError", "RuntimeLatency", "check_outputs", "export_onnx",
-           "layer_profile", "layer_time_table", "measure_ort_latency", "onnx_runtime_latency", "ort_session", "providers_for", "sample_input"]
+           "layer_profile", "layer_time_table", "measure_ort_latency", "onnx_runtime_latency", "ort_session",
+           "providers_for", "sample_input"]

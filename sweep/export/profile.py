@@ -83,7 +83,8 @@ def layer_time_table(model: nn.Module, dense: nn.Module | None, *, imgsz: int, d
 
     One row per top-level layer: ``layer``, ``type``, ``out_channels`` / ``dense_out_channels``, ``params`` /
     ``dense_params``, ``ms`` / ``dense_ms`` (per batch-1 forward pass, the median of ``iters`` passes timed
-    alternately with the dense model: kernel time on CUDA where the profiler records it, else CPU time) and ``speedup`` (dense_ms / ms). ``dense`` None (a dense job): the dense columns repeat the model's own.
+    alternately with the dense model: kernel time on CUDA where the profiler records it, else CPU time) and
+    ``speedup`` (dense_ms / ms). ``dense`` None (a dense job): the dense columns repeat the model's own.
     Channel pruning shows here which layers got faster and which (the Detect head, kept whole; the
     concatenations and upsampling, no weights) did not.
     """
