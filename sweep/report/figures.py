@@ -146,6 +146,13 @@ def _no_data(ax, text: str = "no data") -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.5")
 
 
+def _hide_unused(axes: np.ndarray, used: int) -> None:
+    """Blank the cells of a panel grid (``fig.subplots(..., squeeze=False)`` or a block of its rows) after the
+    first ``used`` (row-major)."""
+    for ax in axes.flat[used:]:
+        ax.set_axis_off()
+
+
 def _style_axes(ax, xlabel: str, ylabel: Optional[str], fs: float, axis: str = "both", which: str = "major") -> None:
     """Every panel's axis labels, grid and tick labels (``fs``: the font scale, PAGE_FONT on a PDF page)."""
     ax.set_xlabel(xlabel, fontsize=9 * fs)
@@ -190,9 +197,8 @@ def curve_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef], pa
     seeds_drawn = 0  # the most seeds behind one drawn band (0: none), for the legend
     fig = Figure(figsize=size, layout="constrained")
     grid = fig.subplots(nrows, per_row, squeeze=False)
-    for k in range(len(cols), sub_rows * per_row):  # unused cells of a wrapped row
-        for i in range(len(groups)):
-            grid[i * sub_rows + k // per_row][k % per_row].set_axis_off()
+    for i in range(len(groups)):  # unused cells of a wrapped row
+        _hide_unused(grid[i * sub_rows:(i + 1) * sub_rows], len(cols))
     axes = [[grid[i * sub_rows + j // per_row][j % per_row] for j in range(len(cols))]
             for i in range(len(groups))]
     for i, g in enumerate(groups):
@@ -358,8 +364,7 @@ def pareto_figure(points: pd.DataFrame, style: Style, title: str,
     recovered = sorted(r for r in points["recover"].unique() if r != "none") if len(points) else []
     for i, g in enumerate(groups):
         sub = points[points["timing_setting"] == g]
-        for k in range(len(costs), sub_rows * ncols):
-            grid[i * sub_rows + k // ncols][k % ncols].set_axis_off()
+        _hide_unused(grid[i * sub_rows:(i + 1) * sub_rows], len(costs))
         for j, (col, t, xlabel, scale) in enumerate(costs):
             ax = grid[i * sub_rows + j // ncols][j % ncols]
             d = sub[sub[ycol].notna() & sub[col].notna()] if col in sub.columns else sub.iloc[0:0]
@@ -442,8 +447,7 @@ def recovery_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef],
     fig = Figure(figsize=page or (5.4 * ncols, 3.6 * nrows + 1.0), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     if not has_ft:
-        for k in range(len(combos), nrows * ncols):
-            axes[k // ncols][k % ncols].set_axis_off()
+        _hide_unused(axes, len(combos))
     colours = recovery_colours(pruned["recover"])
     for row, (setting, model, method) in enumerate(combos):
         d = pruned[(pruned["setting"] == setting) & (pruned["model"] == model) & (pruned["method"] == method)]
@@ -503,8 +507,7 @@ def layer_time_figure(profiles: list[tuple[str, pd.DataFrame]], title: str,
     layers = max((len(t) for _, t in profiles), default=1)
     fig = Figure(figsize=page or (6.4 * ncols, (0.2 * layers + 1.4) * nrows + 0.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    for k in range(len(profiles), nrows * ncols):
-        axes[k // ncols][k % ncols].set_axis_off()
+    _hide_unused(axes, len(profiles))
     for k, (label, t) in enumerate(profiles):
         ax = axes[k // ncols][k % ncols]
         y = np.arange(len(t))
@@ -585,7 +588,6 @@ def sensitivity_figure(runs: pd.DataFrame, refs: dict[tuple[str, str], DenseRef]
         bar = fig.colorbar(im, ax=ax, shrink=0.9)
         bar.set_label(cb_label, fontsize=9 * fs)
         bar.ax.tick_params(labelsize=8 * fs)
-    for k in range(len(combos), nrows * ncols):
-        axes[k // ncols][k % ncols].set_axis_off()
+    _hide_unused(axes, len(combos))
     fig.suptitle(title, fontsize=12 * fs)
     return fig
