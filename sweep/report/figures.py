@@ -460,8 +460,9 @@ def recovery_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef],
             ax.plot(line[xcol], line[ycol], marker="o", ms=5, lw=1.6, color=colours[rec], label=label,
                     ls="-" if str(fused) != "True" or not two_orders else "--")
         ref = refs.get((model, setting))
-        if ref is not None and not math.isnan(ref.get("mAP50-95")):
-            ax.axhline(ref.get("mAP50-95"), color="0.2", ls=DENSE_LS, lw=1.1)
+        dense = ref.get("mAP50-95") if ref is not None else float("nan")  # dashed on both panels of the row
+        if not math.isnan(dense):
+            ax.axhline(dense, color="0.2", ls=DENSE_LS, lw=1.1)
         where = f"{model} · {method}"
         ax.set_title(f"{where}: accuracy by recovery" + (f"\n{setting}" if len(set(k[0] for k in combos)) > 1
                                                           else ""), fontsize=10 * fs)
@@ -479,8 +480,8 @@ def recovery_figure(points: pd.DataFrame, refs: dict[tuple[str, str], DenseRef],
             line = budget[budget["target"] == target].sort_values(iters)
             ax.plot(line[iters], line[ycol], marker="o", ms=5, lw=1.6,
                     label=f"sparsity {contract.sparsity_label(target)}")
-        if ref is not None and not math.isnan(ref.get("mAP50-95")):
-            ax.axhline(ref.get("mAP50-95"), color="0.2", ls=DENSE_LS, lw=1.1)
+        if not math.isnan(dense):
+            ax.axhline(dense, color="0.2", ls=DENSE_LS, lw=1.1)
         ax.set_title(f"{where}: accuracy vs fine-tune budget", fontsize=10 * fs)
         _style_axes(ax, "fine-tune iterations run (0: BatchNorm recalibration only)", "mAP50-95", fs)
         if len(budget):
