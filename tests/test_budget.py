@@ -291,3 +291,26 @@ def test_parallel_launcher_k_section_launches_one_round_at_a_time(tmp_path, asse
     assert combo["status"] == "found" and math.isclose(combo["bracket_hi"] - combo["max_sparsity"], 0.1)
     jobs = sorted(int(d.name) for d in (tmp_path / "s").iterdir() if d.is_dir())
     assert jobs == list(range(len(jobs))) and len(jobs) == combo["points"]
+
+
+@pytest.mark.parametrize("budget", [True, False])
+def test_a_glob_over_a_config_group_is_expanded_by_the_preflight(tmp_path, assets, budget):
+    """Regression: the pre-flight parsed overrides without Hydra's config loader, so ``model=glob(...)`` (which
+    Hydra's sweepers expand over the config group) crashed it with 'ConfigLoader is not set'."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from sweep.config.schema import register_configs
+    from sweep.track.callbacks import check_sweep, sweep_overrides
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[*(["hydra/sweeper=budget"] if budget else []), f"paths.outputs={tmp_path}",
+                                           "model=yolov5n", "data=coco-val128"], return_hydra_config=True)
+        with open_dict(cfg):  # the command line of `python -m sweep -m ...` (compose refuses sweep syntax)
+            cfg.hydra.overrides.task = ["model=glob(yolov5n)", "data=coco-val128",
+                                        *([] if budget else ["sparsity=0,0.3"])]
+        assert check_sweep(cfg) == {}
+        if not budget:
+            assert sweep_overrides(cfg) == [["model=yolov5n", "data=coco-val128", "sparsity=0"],
+                                            ["model=yolov5n", "data=coco-val128", "sparsity=0.3"]]

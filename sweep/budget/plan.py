@@ -51,20 +51,35 @@ class Combination:
         return [*kept, "recover=none", f"{SEARCHED}=0"]
 
 
+def expand(params: Mapping[str, Any] | None, arguments: Sequence[str],
+           parser: OverridesParser | None = None) -> list[list[str]]:
+    """Every job's overrides of a grid, as Hydra's basic sweeper expands them: the sweeper's ``params``, then
+    the command line (comma lists and ranges become the grid), in job order. ``parser``: one with a config
+    loader for ``glob(...)`` over config groups."""
+    return _split(_parse(params, arguments, parser))
+
+
+def _split(parsed: list) -> list[list[str]]:
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _parse(params: Mapping[str, Any] | None, arguments: Sequence[str], parser: OverridesParser | None) -> list:
+    parser = parser or OverridesParser.create()
+    return parser.parse_overrides([f"{k}={v}" for k, v in (params or {}).items()] + list(arguments))
+
+
 def combinations(params: Mapping[str, Any] | None, arguments: Sequence[str],
                  parser: OverridesParser | None = None) -> list[Combination]:
     """Every combination of the sweeper's ``params`` and the command line's overrides (expanded as the basic
     sweeper expands a grid). Sparsity among them is refused: it is what the search finds."""
-    parser = parser or OverridesParser.create()
-    parsed = parser.parse_overrides([f"{k}={v}" for k, v in (params or {}).items()] + list(arguments))
+    parsed = _parse(params, arguments, parser)
     for o in parsed:
         if o.key_or_group == SEARCHED:
             given = (o.input_line or "").split("=", 1)[-1]
             raise ConfigError(f"sparsity={given} is given, but the budget sweeper searches the "
                               "sparsity: allowed is no sparsity override with hydra/sweeper=budget (set the range "
                               "with budget.hi and budget.tol)")
-    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-    return [Combination(i, tuple(job)) for i, job in enumerate(jobs)]
+    return [Combination(i, tuple(job)) for i, job in enumerate(_split(parsed))]
 
 
 def dense_groups(combos: Sequence[Combination]) -> dict[tuple[str, ...], list[int]]:

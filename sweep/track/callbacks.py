@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -33,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep import contract
 from sweep.budget import answer as budget_answer
-from sweep.budget.plan import combinations, preflight_overrides
+from sweep.budget.plan import combinations, expand, preflight_overrides
 from sweep.budget.search import BudgetSearch
 from sweep.config.resolve import (check_inputs, check_values, check_writable, inputs_key, resolve_budget,
                                   resolve_tracking)
@@ -128,10 +127,12 @@ def _budget_answer(sweep_dir: Path) -> tuple[dict[str, float], dict[str, str]] |
 def sweep_overrides(config: DictConfig) -> list[list[str]]:
     """Every job's overrides, as Hydra's basic sweeper expands them (``hydra.sweeper.params``, then the command
     line; comma lists and ranges become the grid), in job order."""
-    parser = OverridesParser.create()
-    params = config.hydra.sweeper.get("params") or {}
-    parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    return expand(config.hydra.sweeper.get("params"), list(config.hydra.overrides.task), _parser())
+
+
+def _parser() -> OverridesParser:
+    """Hydra's override parser with the config loader (``glob(...)`` over a config group needs it)."""
+    return OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
 
 
 def sweep_signature(config: DictConfig) -> str:
@@ -157,7 +158,7 @@ def check_budget(config: DictConfig) -> dict[str, list[int]]:
     every dense reference (sparsity 0 without recovery), checked as jobs are."""
     try:
         spec = resolve_budget(config)
-        combos = combinations(config.hydra.sweeper.get("params"), list(config.hydra.overrides.task))
+        combos = combinations(config.hydra.sweeper.get("params"), list(config.hydra.overrides.task), _parser())
     except ConfigError as exc:
         return {str(exc): []}
     search = BudgetSearch(spec.keep, spec.tol, spec.hi)
