@@ -201,6 +201,19 @@ def test_real_partial_forward_equals_full_forward(v5n):
     assert S.squared_error(S.head_maps(out), S.head_maps(full)) == 0.0
 
 
+def test_real_measured_curves_equal_full_passes(v5n, monkeypatch):
+    """On a DetectionModel each pass reruns only the layers from the pruned one on (the dense prefix reused):
+    the curves must be those of full forward passes, for a layer early, in the middle and in the head."""
+    model = copy.deepcopy(v5n).eval()
+    assert S._layered(model)
+    layers = select_convs(model, ["model.2.cv1*", "model.13.m*", "model.24*"])
+    batches = [torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))]
+    partial = S.measure_curves(model, layers, batches, (0.3, 0.9))
+    monkeypatch.setattr(S, "_layered", lambda _: False)
+    full = S.measure_curves(model, layers, batches, (0.3, 0.9))
+    assert partial == full and all(0 < c.distortion[0] < c.distortion[1] for c in full)
+
+
 def test_curves_measured_once_then_memo_then_disk(tmp_path, monkeypatch):
     calls = []
     real = S.measure_curves
