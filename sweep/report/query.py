@@ -11,6 +11,7 @@ Only the tracking server is read (never the outputs folder). Selection, in order
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -277,14 +278,13 @@ def find_dense_runs(selection: Selection, models: list[str]) -> list:
 
 def read_artifact_csv(selection: Selection, run_id: str, name: str) -> Optional[pd.DataFrame]:
     """A run's CSV artifact ``name`` as a frame, or None when the run has none (or it cannot be read)."""
-    import tempfile
-
     client = selection.client or client_for(selection.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, name, tmp)
             return pd.read_csv(path)
-        except Exception:  # noqa: BLE001 - a missing or unreadable artifact leaves that figure out
+        except Exception as exc:  # noqa: BLE001 - a missing or unreadable artifact leaves that figure out
+            log.warning("run %s: artifact %s not read (%s): left out of the report", run_id, name, exc)
             return None
 
 
