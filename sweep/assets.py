@@ -108,6 +108,23 @@ def file_lock(lock_path: Path) -> Iterator[None]:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], mode: int = 0o644) -> Path:
+    """Write ``path`` all or nothing: ``write(tmp)`` fills a hidden temporary file beside it, which is then
+    renamed onto ``path`` (a reader never sees half a file; a failure leaves no temporary file behind).
+    ``mode``: the file's permissions (the temporary file is created owner-only)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def writable(folder: Path) -> bool:
     """True when ``folder`` (or its nearest existing parent) is writable by its mode bits.
 

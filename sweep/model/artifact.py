@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +29,7 @@ import zstandard
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sweep.assets import atomic_write
 from sweep.model.checkpoint import (_SPEC_TYPES, CheckpointError, LoadedCheckpoint, _apply_layer_specs, _build_meta,
                                     _check_plain, _check_stride, _checked_names, _fp32, _layer_spec,
                                     _plain_state_dict, _realize)
@@ -69,18 +69,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a model to take away is readable like any output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_artifact(model: DetectionModel, folder: str | os.PathLike, stem: str = "model",
                   meta: Mapping[str, Any] | None = None) -> ArtifactFiles:
     """Write ``model`` (dense, pruned, channel-pruned or fused) as ``<folder>/<stem>.safetensors`` +
@@ -94,7 +82,7 @@ def save_artifact(model: DetectionModel, folder: str | os.PathLike, stem: str = 
     files = ArtifactFiles(folder / f"{stem}{WEIGHTS_SUFFIX}", folder / f"{stem}{DESCRIPTION_SUFFIX}")
     # safetensors refuses tensors that share storage: every entry gets its own contiguous copy
     state = {k: v.contiguous().clone() for k, v in _plain_state_dict(model).items()}
-    _atomic_write(files.weights, lambda tmp: save_file(state, tmp, metadata={"format": ARTIFACT_FORMAT}))
+    atomic_write(files.weights, lambda tmp: save_file(state, tmp, metadata={"format": ARTIFACT_FORMAT}))
     layers = {name: _layer_spec(m) for name, m in model.named_modules() if isinstance(m, _SPEC_TYPES)}
     channels = {name: [s["in_channels"], s["out_channels"]] for name, s in layers.items() if "in_channels" in s}
     description = {
@@ -107,7 +95,7 @@ def save_artifact(model: DetectionModel, folder: str | os.PathLike, stem: str = 
         "meta": meta,
     }
     text = json.dumps(description, indent=1, allow_nan=False)
-    _atomic_write(files.description, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(files.description, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return files
 
 

@@ -25,7 +25,6 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
@@ -36,7 +35,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from sweep.assets import file_sha256
+from sweep.assets import atomic_write, file_sha256
 from sweep.model.yolo import MODULES, Conv, DetectionModel, ModelError, build_model, materialize
 
 FORMAT = "yolov5-sparsity-checkpoint"
@@ -550,15 +549,7 @@ def save_checkpoint(model: DetectionModel, path: str | os.PathLike,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 
 # Layer attributes the model's forward reads (set by the yaml parser on each top-level layer).

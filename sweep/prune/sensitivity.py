@@ -33,15 +33,16 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, ContextManager, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
 import torch.nn as nn
 
-from sweep.model.artifact import _atomic_write
+from sweep.assets import atomic_write, file_lock, writable
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,12 @@ class CurveStore:
     def path(self, key: str) -> Path | None:
         return self.root / f"{key}.json" if self.root is not None else None
 
+    def lock(self, key: str) -> ContextManager[None]:
+        """Held while one process loads, measures and saves ``key`` (none without a writable cache folder)."""
+        if self.root is None or not writable(self.root):
+            return nullcontext()
+        return file_lock(self.root / f".{key}.lock")
+
     @staticmethod
     def _digest(curves: list[dict[str, Any]]) -> str:
         return hashlib.sha256(json.dumps(curves, sort_keys=True).encode()).hexdigest()
@@ -307,6 +314,6 @@ class CurveStore:
         try:
             f.parent.mkdir(parents=True, exist_ok=True)
             # atomic (a reader sees the old file or the whole new one); the temporary file is removed on failure
-            _atomic_write(f, lambda tmp: Path(tmp).write_text(json.dumps(doc)))
+            atomic_write(f, lambda tmp: Path(tmp).write_text(json.dumps(doc)))
         except OSError as exc:  # a read-only or full cache folder costs a re-measurement later, not the job
             log.warning("could not store sensitivity curves in %s (%s)", f.parent, exc)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sweep import contract
-from sweep.assets import file_lock
+from sweep.assets import atomic_write, file_lock
 from sweep.config.spec import TrackSpec
 
 log = logging.getLogger(__name__)
@@ -75,10 +74,7 @@ class RunRecord:
     def save(self, spool: Path) -> Path:
         spool.mkdir(parents=True, exist_ok=True)
         path = spool / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.role}-{uuid.uuid4().hex[:8]}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1, default=str))
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(self), indent=1, default=str)))
 
     @classmethod
     def load(cls, path: Path) -> "RunRecord":
