@@ -188,17 +188,18 @@ class ProcessMemo:
         if key in self.curves:
             return self.curves[key], "memo", 0.0
         store = CurveStore(spec.curves)
-        curves, where, seconds = store.load(key), "disk", 0.0
-        if curves is None:
-            model = copy.deepcopy(ckpt.model).float().eval()
-            model = fuse(model) if spec.fused else model
-            t0 = time.perf_counter()
-            curves = sensitivity.measure_curves(model, select_convs(model, spec.include, spec.exclude),
-                                                calibration.batches(), spec.levels, device)
-            where, seconds = "measured", time.perf_counter() - t0
-            log.info("sensitivity curves: %d layers x %d levels on %d images in %.0fs", len(curves), len(spec.levels),
-                     len(calibration), seconds)
-            store.save(key, curves, seconds)
+        with store.lock(key):  # workers missing the same curves at once: one measures, the others read its file
+            curves, where, seconds = store.load(key), "disk", 0.0
+            if curves is None:
+                model = copy.deepcopy(ckpt.model).float().eval()
+                model = fuse(model) if spec.fused else model
+                t0 = time.perf_counter()
+                curves = sensitivity.measure_curves(model, select_convs(model, spec.include, spec.exclude),
+                                                    calibration.batches(), spec.levels, device)
+                where, seconds = "measured", time.perf_counter() - t0
+                log.info("sensitivity curves: %d layers x %d levels on %d images in %.0fs", len(curves),
+                         len(spec.levels), len(calibration), seconds)
+                store.save(key, curves, seconds)
         self.curves = {key: curves}  # one model's at a time, like the checkpoints
         return curves, where, seconds
 

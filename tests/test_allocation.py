@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -239,6 +240,34 @@ def test_curves_measured_once_then_memo_then_disk(tmp_path, monkeypatch):
         f.write_text(json.dumps(doc))
     _, where4, _ = ProcessMemo().sensitivity_curves(spec, ckpt, calib, torch.device("cpu"))
     assert where4 == "measured" and len(calls) == 4
+
+
+def test_workers_missing_the_same_curves_at_once_measure_them_once(tmp_path, monkeypatch):
+    """Two workers (here: two memos in two threads, each with its own lock file descriptor) asking for the same
+    uncached curves: one measures, the other waits on the cache's lock and reads the file."""
+    import threading
+
+    calls = []
+    real = S.measure_curves
+
+    def slow(*a, **k):
+        calls.append(1)
+        time.sleep(0.5)  # long enough for the other thread to arrive while this one measures
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "measure_curves", slow)
+    ckpt = SimpleNamespace(model=make_tiny(), sha256="abc")
+    calib = TinyCalibration(tmp_path)
+    spec = cfg(method="sensitivity", fused=False, levels=(0.5, 0.9), curves=tmp_path / "curves")
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(ProcessMemo().sensitivity_curves(spec, ckpt, calib, "cpu")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(w for _, w, _ in found) == ["disk", "measured"]
+    assert found[0][0] == found[1][0]
 
 
 # --------------------------------------------------------------------------- the job
