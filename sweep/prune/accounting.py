@@ -138,7 +138,7 @@ def gflops(model: nn.Module, imgsz: Union[int, Sequence[int]] = 640) -> float:
     try:
         try:
             return _count_flops(model, torch.zeros(1, 3, h, w, device="meta", dtype=p.dtype), meta=True)
-        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        except (RuntimeError, TypeError, ValueError):  # NotImplementedError is a RuntimeError
             return _count_flops(model, torch.zeros(1, 3, h, w, device=p.device, dtype=p.dtype), meta=False)
     finally:
         model.train(was_training)

@@ -30,7 +30,8 @@ Methods (what they zero or remove, and what speed-up to expect):
     squared magnitude over the sum of squares of the weights of its layer at least as large
     (itself included), see :func:`lamp_scores`; then the ``round(sparsity * N_total)``
     lowest scores over all selected layers are zeroed (ties: network order, then flat index).
-    Every layer keeps its largest weight (score 1). Dense zeros: no speed-up.
+    A layer keeps its largest weight (score 1), unless k weights share that magnitude (each then
+    scores 1/k, and all can go at very high sparsity). Dense zeros: no speed-up.
 ``sensitivity``
     Per-layer counts allocated from label-free sensitivity curves
     (:mod:`sweep.prune.sensitivity`): the job measures how much the Detect output moves when
