@@ -245,3 +245,25 @@ def test_bad_yaml_values():
         build_model({k: v for k, v in tiny_yaml().items() if k != "head"})
     with pytest.raises(ModelError, match="no model yaml"):
         load_model_yaml("yolov9000")
+
+
+@pytest.mark.assets
+def test_fusion_folds_in_fp32_with_val_py_formula_bit_for_bit(yolov5n_path):
+    """val.py fuses the FP32 model with ``diag(gamma / sqrt(eps + var)) @ W`` and
+    ``beta - gamma * mean / sqrt(var + eps)``: every fused weight and bias equals that FP32 arithmetic
+    exactly (stated here elementwise, independently of the matrix product), which float64 folding did not."""
+    model = load_checkpoint(yolov5n_path).model.float()
+    pairs = [(m.conv.weight.detach().clone(), m.bn) for m in model.modules() if isinstance(m, Conv)]
+    fused = fuse(copy.deepcopy(model))
+    convs = [m.conv for m in fused.modules() if isinstance(m, Conv)]
+    assert len(convs) == len(pairs) == 57
+    off64 = 0
+    for (w, bn), conv in zip(pairs, convs):
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        assert conv.weight.dtype == torch.float32
+        assert torch.equal(conv.weight, w * scale.view(-1, 1, 1, 1))
+        shift = bn.bias.detach() - bn.weight.detach() * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+        assert torch.equal(conv.bias, shift)
+        scale64 = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        off64 += int((conv.weight != (w.double() * scale64.view(-1, 1, 1, 1)).float()).sum())
+    assert off64 > 1000  # the float64 fold gives other last bits: this test tells the two apart

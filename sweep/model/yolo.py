@@ -36,7 +36,6 @@ from typing import Any, Callable, Mapping
 import torch
 import yaml as pyyaml
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from sweep.model.blocks import (BN_EPS, BN_MOMENTUM, C3SPP, C3TR, SPP, SPPF, Bottleneck, BottleneckCSP, C3,
                                 C3Ghost, C3x, Concat, Contract, Conv, CrossConv, Detect, DWConv,
@@ -407,8 +406,8 @@ def fuse(model: nn.Module) -> nn.Module:
     """Fold every Conv's BatchNorm into its conv, in place; returns ``model`` (in eval mode).
 
     The fused conv gets a bias; the ``bn`` attribute is deleted so forward skips it.
-    Folding runs in float64 (torch's ``fuse_conv_bn_weights``) so a half or float model
-    loses no precision to the folding itself.
+    Folding runs in the model's precision with val.py's formula (:func:`fused_conv`): call it on the FP32
+    model, as val.py does, for val.py's weights.
     """
     model.eval()
     for module in model.modules():
@@ -420,14 +419,22 @@ def fuse(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def fused_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A new Conv2d equal to ``bn(conv(x))`` in eval mode (weights folded in float64, cast back)."""
-    weight, bias = fuse_conv_bn_weights(
-        conv.weight.double(), None if conv.bias is None else conv.bias.double(),
-        bn.running_mean.double(), bn.running_var.double(), bn.eps,
-        None if bn.weight is None else bn.weight.double(), None if bn.bias is None else bn.bias.double())
+    """A new Conv2d equal to ``bn(conv(x))`` in eval mode, folded as val.py folds (in the conv's dtype).
+
+    ``scale = gamma / sqrt(eps + var)``; weight rows ``diag(scale) @ W`` (a matrix product, as YOLOv5's
+    ``fuse_conv_and_bn``); bias ``diag(scale) @ b + (beta - gamma * mean / sqrt(var + eps))``. The same
+    operations in the same precision give val.py's fused weights bit for bit (float64 folding did not).
+    """
+    out = conv.out_channels
+    w = conv.weight.detach()
+    scale = bn.weight.div(torch.sqrt(bn.eps + bn.running_var))
+    weight = torch.mm(torch.diag(scale), w.reshape(out, -1)).view(w.shape)
+    b = torch.zeros(out, device=w.device, dtype=w.dtype) if conv.bias is None else conv.bias.detach()
+    shift = bn.bias - bn.weight.mul(bn.running_mean).div(torch.sqrt(bn.running_var + bn.eps))
+    bias = torch.mm(torch.diag(scale), b.reshape(-1, 1)).reshape(-1) + shift
     fused = copy.deepcopy(conv)
-    fused.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
-    fused.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+    fused.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    fused.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
     return fused
 
 
