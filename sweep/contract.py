@@ -123,6 +123,7 @@ TAG_ERROR = "error"
 TAG_HOST = "host"
 TAG_PID = "pid"
 TAG_DEVICE_NAME = "device_name"
+TAG_GPU_SHARED = "gpu_shared"  # "true": another process evaluated on the same GPU (its ms figures measure contention)
 TAG_OUTPUT_DIR = "output_dir"
 TAG_SWEEP_DIR = "sweep_dir"
 TAG_SIGNATURE = "sweep.signature"  # parent runs: what the sweep command asked for (continuing an interrupted sweep)

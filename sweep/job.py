@@ -38,6 +38,7 @@ from sweep.config.spec import EvalSpec, JobSpec, PruneSpec, RecoverSpec, TrackSp
 from sweep.contract import Outcome
 from sweep.data import DataError
 from sweep.evaluate import CocoEvaluator, CocoResult, LoopResult, gc_paused, measure_latency, run_inference
+from sweep.evaluate.device import release_cached_memory
 from sweep.evaluate.latency import measure_latency_pair
 from sweep.evaluate.timing import Stopwatch
 from sweep.memo import EvalData, ProcessMemo
@@ -230,6 +231,9 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
     device = torch.device(spec.eval.device)
     ev = spec.eval
     sw = Stopwatch(device)
+    if ev.gpu_shared:
+        log.warning("%s: %s is also claimed by another process (more processes than GPUs): the ms figures measure "
+                    "the contention too (tag %s)", spec.run_name, device, contract.TAG_GPU_SHARED)
     # status lines for the phases without a progress bar (a newcomer saw tens of silent seconds)
     log.info("%s: loading the model, %s %s, on %s", spec.run_name, spec.prune.method,
              "(fused first)" if spec.prune.fused else "(unfused)", device)
@@ -329,7 +333,7 @@ def run_job(cfg: DictConfig, ctx: JobContext, memo: ProcessMemo | None = None) -
     """Run one job. Input errors are raised by the resolution, before any MLflow run is created;
     an error during the job ends its run FAILED and is re-raised."""
     memo = memo if memo is not None else ProcessMemo()
-    spec = resolve_job(cfg, memo, ctx.job_num)
+    spec = resolve_job(cfg, memo)
     return execute(spec, ctx, memo)
 
 
@@ -366,7 +370,10 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
     try:
         if sink is not None:
             sink.log(params=dict(spec.params))
-        metrics, files = measure(spec, ctx, memo)
+        try:
+            metrics, files = measure(spec, ctx, memo)
+        finally:  # the job's model and activations are gone: their cached blocks go back to the GPU
+            release_cached_memory(torch.device(spec.eval.device))
         pending = False
         if sink is not None:
             sw = Stopwatch()
@@ -461,6 +468,8 @@ def job_tags(spec: JobSpec, ctx: JobContext) -> dict[str, str]:
     }
     if ctx.sweep_id:
         tags[contract.TAG_SWEEP_ID] = ctx.sweep_id
+    if spec.eval.gpu_shared:
+        tags[contract.TAG_GPU_SHARED] = "true"
     return tags
 
 

@@ -23,6 +23,7 @@ import torch
 
 from sweep.assets import file_sha256
 from sweep.config.spec import DataSpec, EvalSpec, PruneSpec, RecoverSpec
+from sweep.evaluate.device import GpuClaim, claim_gpu, claims_folder, visible_gpu_ids
 from sweep.data import Batch, DataError, Dataset, PreprocessedCache, label_path, load_ground_truth
 from sweep.assets import writable
 from sweep.model import LoadedCheckpoint, fuse, load_checkpoint
@@ -72,6 +73,16 @@ class ProcessMemo:
     calib: dict[tuple, Calibration] = field(default_factory=dict)
     tracking_down: set[str] = field(default_factory=set)  # store URIs that failed past their retry window here
     curves: dict[str, list[Curve]] = field(default_factory=dict)
+    gpu: GpuClaim | None = None  # this process's GPU under eval.device=auto|cuda, claimed at its first CUDA job
+
+    # -- device -------------------------------------------------------------------------------
+    def gpu_claim(self) -> GpuClaim:
+        """The GPU this process claimed for its lifetime (``sweep.evaluate.device.claim_gpu``), claimed once."""
+        if self.gpu is None:
+            self.gpu = claim_gpu(visible_gpu_ids(), claims_folder())
+            log.info("this process (pid %d) evaluates on cuda:%d%s", os.getpid(), self.gpu.index,
+                     ", shared with another process (more processes than GPUs)" if self.gpu.shared else "")
+        return self.gpu
 
     # -- weights ------------------------------------------------------------------------------
     def sha256(self, path: Path) -> str:

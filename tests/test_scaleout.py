@@ -19,34 +19,83 @@ from mlflow_server import MlflowServer, free_port, mlflow_server  # noqa: F401 -
 TINY = ("model=yolov5n", "data=coco-val128", "data.limit=4", "eval.imgsz=320", "report=false")
 
 
-# -- pure parts --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device_count,expected", [
-    (1, [0, 0, 0, 0, 0, 0]),
-    (2, [0, 1, 0, 1, 0, 1]),
-    (4, [0, 1, 2, 3, 0, 1]),
-])
-def test_gpu_for_job_spreads_jobs_round_robin_over_visible_gpus(device_count, expected):
-    from sweep.evaluate.device import gpu_for_job
+# -- GPU claims (simulated device lists, real processes) ----------------------------------------------
+def _claim_in_child(folder: str, ids: list[str], ready) -> None:
+    from sweep.evaluate.device import claim_gpu
 
-    assert [gpu_for_job(j, device_count) for j in range(6)] == expected
+    claim = claim_gpu(ids, Path(folder))
+    ready.put((claim.index, claim.shared))
+    time.sleep(60)  # holds the claim until the test ends the process
 
 
-@pytest.mark.parametrize("job_num,device_count", [(0, 0), (3, -1), (-1, 2)])
-def test_gpu_for_job_rejects_impossible_inputs(job_num, device_count):
-    from sweep.evaluate.device import gpu_for_job
+def _claims(tmp_path, ids, processes):
+    """Start ``processes`` real processes that each claim one of ``ids`` and keep it; returns their claims and
+    the processes (end them with :func:`_end`)."""
+    import multiprocessing as mp
 
-    with pytest.raises(ValueError):
-        gpu_for_job(job_num, device_count)
+    ctx = mp.get_context("fork")  # the children only lock files: no torch work after the fork
+    ready = ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_child, args=(str(tmp_path), ids, ready)) for _ in range(processes)]
+    got = []
+    for p in procs:  # one after another: the order of claims is then known
+        p.start()
+        got.append(ready.get(timeout=60))
+    return got, procs
 
 
-def test_auto_device_on_a_cpu_only_machine_ignores_the_job_number():
+def _end(procs) -> None:
+    for p in procs:
+        p.terminate()
+        p.join(30)
+
+
+def test_each_worker_process_claims_its_own_gpu_and_shares_only_when_there_are_more_workers(tmp_path):
+    got, procs = _claims(tmp_path, ["gpu-a", "gpu-b"], 3)
+    try:
+        assert got[:2] == [(0, False), (1, False)]  # two workers, two GPUs: never the same one
+        assert got[2] == (0, True)                  # a third shares the least-claimed GPU, flagged
+    finally:
+        _end(procs)
+
+
+def test_a_gpu_claim_ends_with_its_process_also_when_killed(tmp_path):
+    from sweep.evaluate.device import claim_gpu
+
+    got, procs = _claims(tmp_path, ["gpu-a", "gpu-b"], 2)
+    try:
+        assert got == [(0, False), (1, False)]
+        procs[0].kill()  # SIGKILL: no cleanup code runs, the OS drops its lock
+        procs[0].join(30)
+        mine = claim_gpu(["gpu-a", "gpu-b"], tmp_path)
+        assert (mine.index, mine.shared) == (0, False)
+        mine.release()
+    finally:
+        _end(procs)
+
+
+def test_a_process_keeps_its_claim_for_its_lifetime(tmp_path):
+    """The sequential launcher's process (or a joblib worker) claims once: every later job uses that GPU."""
+    from sweep.memo import ProcessMemo
+    import sweep.evaluate.device as device
+
+    memo = ProcessMemo()
+    first = device.claim_gpu(["gpu-a", "gpu-b"], tmp_path)
+    memo.gpu = first
+    assert memo.gpu_claim() is first and memo.gpu_claim().index == 0
+    other = device.claim_gpu(["gpu-a", "gpu-b"], tmp_path)  # another process's claim meanwhile
+    assert (other.index, other.shared) == (1, False)
+    first.release()
+    other.release()
+
+
+def test_auto_device_on_a_cpu_only_machine_is_the_cpu_without_a_claim():
     import torch
 
     from sweep.evaluate.device import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the CPU fallback is not what runs here")
-    assert resolve_device("auto", None, job_num=7) == (torch.device("cpu"), False)
+    assert resolve_device("auto", None) == (torch.device("cpu"), False)
 
 
 def _hydra_cfg(*overrides: str):

@@ -489,7 +489,7 @@ def check_values(cfg: DictConfig) -> None:
     resolve_tracking(c)
 
 
-def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
+def resolve_job(cfg: DictConfig, memo: Any) -> JobSpec:
     """The whole pre-flight of one job. ``memo`` (:class:`sweep.memo.ProcessMemo`) keeps what it opens
     (checkpoint, dataset scan, calibration images) for the job and for later jobs of the process."""
     c = _container(cfg)
@@ -499,7 +499,9 @@ def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
     _check_sparsity_levels(c, sparsity)
     _outputs(c)  # a file where the outputs folder should be is refused before any work
     track = resolve_tracking(c)
-    device, half = resolve_device(str(c["eval"]["device"]), c["eval"]["half"], job_num)
+    wanted = str(c["eval"]["device"])
+    claim = memo.gpu_claim() if wanted in ("auto", "cuda") and torch.cuda.is_available() else None
+    device, half = resolve_device(wanted, c["eval"]["half"], claim)
     cache = assets.cache_root(c["paths"]["cache"])
     model, data = _inputs(c, cache, memo)
     ckpt = memo.checkpoint(model.weights, model.sha256)
@@ -523,7 +525,7 @@ def resolve_job(cfg: DictConfig, memo: Any, job_num: int = 0) -> JobSpec:
                           str(device), half, str(e["backend"]), int(e["workers"]), bool(e["save_json"]),
                           bool(e["latency"]), int(e["latency_iters"]), bool(e["progress"]),
                           preprocessed_dir(c["paths"]["preprocessed"]), tuple(e["runtimes"]), int(e["bootstrap"]),
-                          bool(e["profile"]))
+                          bool(e["profile"]), bool(claim is not None and claim.shared))
     eval_data = memo.eval_data(data, evaluation, stride, ckpt.names, model.weights)  # scans every label now
     memo.calibration(recover, evaluation, eval_data.files, device, ckpt.names)  # refuses evaluation images now
     memo.calibration(prune.calibration, evaluation, eval_data.files, device, ckpt.names)  # sensitivity's images
