@@ -3,8 +3,8 @@
 It knows no dataset format: each batch's detections go to an evaluator's ``process`` (the evaluator
 owns class ids, rounding and the metrics, see ``sweep.evaluate.coco``).
 Per-image milliseconds follow val.py: ``ms_preprocess`` (host->device copy, dtype, /255),
-``ms_inference`` (forward pass), ``ms_nms`` (non-maximum suppression), each summed over the
-dataset and divided by the number of images seen.
+``ms_inference`` (forward pass), ``ms_nms`` (non-maximum suppression and box scaling, until the
+detections are on the host), each summed over the dataset and divided by the number of images seen.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
-from sweep.evaluate.ops import nms_image, scale_boxes
+from sweep.evaluate.ops import Detections, postprocess_batch
 from sweep.evaluate.timing import sync
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,10 @@ class BatchLike(Protocol):
 
 
 class Evaluator(Protocol):
-    def process(self, batch: BatchLike, detections: Sequence[torch.Tensor]) -> None:
-        """``detections[i]``: ``[n, 6]`` (x1, y1, x2, y2, score, class) in image i's original pixels."""
+    def process(self, batch: BatchLike, detections: Detections) -> None:
+        """``detections``: the batch's detections as host columns (``image_index`` into ``batch.image_ids``,
+        xyxy ``boxes`` in the original image's pixels, ``scores``, ``classes``), image by image, each sorted
+        by score (see :class:`sweep.evaluate.ops.Detections`)."""
 
 
 @dataclass
@@ -76,8 +78,8 @@ def nms_threads(device: torch.device) -> int:
 
 
 @torch.inference_mode()  # thread-local: pool threads enter it themselves, like the loop's thread
-def _nms_in_thread(x: torch.Tensor, conf: float, iou: float, max_det: int) -> torch.Tensor:
-    return nms_image(x, conf, iou, max_det)
+def _in_inference_mode(f: Any, x: torch.Tensor) -> torch.Tensor:
+    return f(x)
 
 
 @torch.inference_mode()
@@ -88,11 +90,16 @@ def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluato
 
     ``progress`` is an optional tqdm-like object with ``update(n)``.
     The images of a batch go through NMS in parallel threads on the CPU (same results).
+    ``ms_nms`` covers NMS and the box scaling on the device until the detections are on the host;
+    ``postprocess`` is the evaluator's ``process``.
     """
     res = LoopResult()
     non_blocking = device.type == "cuda"
     threads = nms_threads(device)
     with ThreadPoolExecutor(threads, thread_name_prefix="nms") as pool:
+        def map_images(f: Any, xs: Sequence[torch.Tensor]) -> Iterable[torch.Tensor]:
+            return pool.map(lambda x: _in_inference_mode(f, x), xs) if threads > 1 else map(f, xs)
+
         for batch in batches:
             t0 = time.perf_counter()
             im = batch.images
@@ -106,20 +113,11 @@ def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluato
             pred = model(im)[0]
             sync(device)
             t2 = time.perf_counter()
-            if threads > 1:
-                out = list(pool.map(lambda x: _nms_in_thread(x, conf, iou, max_det), pred))
-            else:
-                out = [nms_image(x, conf, iou, max_det) for x in pred]
+            dets = postprocess_batch(pred, conf, iou, max_det, batch.ratio_pad, batch.shapes0, map_images=map_images)
             sync(device)
             t3 = time.perf_counter()
-            detections = []
-            for dets, shape0, rp in zip(out, batch.shapes0, batch.ratio_pad):
-                # on the model's device, in FP32, as val.py does (CUDA division can differ from CPU's in the last bit)
-                dets = dets.float()
-                scale_boxes(dets[:, :4], rp, shape0)  # in place
-                res.detections += len(dets)
-                detections.append(dets)
-            evaluator.process(batch, detections)
+            res.detections += len(dets)
+            evaluator.process(batch, dets)
             t4 = time.perf_counter()
             n = len(batch.image_ids)
             res.images += n
