@@ -20,7 +20,8 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 import torch
 
 from sweep.evaluate.ops import Detections, postprocess_batch
-from sweep.evaluate.timing import sync
+from sweep.evaluate.reader import read_ahead
+from sweep.evaluate.timing import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class LoopResult:
     images: int = 0
     detections: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: {"preprocess": 0.0, "inference": 0.0, "nms": 0.0,
-                                                               "postprocess": 0.0})
+                                                               "postprocess": 0.0, "data_wait": 0.0})
     shape: tuple[int, ...] = ()
 
     def per_image_ms(self) -> dict[str, float]:
@@ -85,46 +86,59 @@ def _in_inference_mode(f: Any, x: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def run_inference(model: torch.nn.Module, batches: Iterable[BatchLike], evaluator: Evaluator, *,
                   device: torch.device, half: bool, conf: float, iou: float, max_det: int,
-                  progress: Any = None) -> LoopResult:
+                  progress: Any = None, read_ahead_batches: int = 2) -> LoopResult:
     """Run the model over ``batches`` and hand each batch's detections to ``evaluator.process``.
 
     ``progress`` is an optional tqdm-like object with ``update(n)``.
+    Batches are read ``read_ahead_batches`` ahead by a background thread (pinned on CUDA; 0: read in this
+    thread); the time this loop waits for them is ``seconds["data_wait"]``, outside every val.py stage.
     The images of a batch go through NMS in parallel threads on the CPU (same results).
     ``ms_nms`` covers NMS and the box scaling on the device until the detections are on the host;
-    ``postprocess`` is the evaluator's ``process``.
+    ``postprocess`` is the evaluator's ``process``. On CUDA the device stages are timed with CUDA events
+    (no synchronisation per stage), the host stages with the wall clock.
     """
     res = LoopResult()
     non_blocking = device.type == "cuda"
     threads = nms_threads(device)
+    clock = StageClock(device)
+    source = read_ahead(batches, read_ahead_batches, pin=non_blocking) if read_ahead_batches else iter(batches)
+    waited = 0.0
     with ThreadPoolExecutor(threads, thread_name_prefix="nms") as pool:
         def map_images(f: Any, xs: Sequence[torch.Tensor]) -> Iterable[torch.Tensor]:
             return pool.map(lambda x: _in_inference_mode(f, x), xs) if threads > 1 else map(f, xs)
 
-        for batch in batches:
-            t0 = time.perf_counter()
-            im = batch.images
-            if non_blocking:
-                im = im.pin_memory()
-            im = im.to(device, non_blocking=non_blocking)
-            im = im.half() if half else im.float()
-            im /= 255
-            sync(device)
-            t1 = time.perf_counter()
-            pred = model(im)[0]
-            sync(device)
-            t2 = time.perf_counter()
-            dets = postprocess_batch(pred, conf, iou, max_det, batch.ratio_pad, batch.shapes0, map_images=map_images)
-            sync(device)
-            t3 = time.perf_counter()
-            res.detections += len(dets)
-            evaluator.process(batch, dets)
-            t4 = time.perf_counter()
-            n = len(batch.image_ids)
-            res.images += n
-            res.shape = tuple(im.shape)
-            for k, dt in zip(("preprocess", "inference", "nms", "postprocess"),
-                             (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                res.seconds[k] += dt
-            if progress is not None:
-                progress.update(n)
+        try:
+            while True:
+                w0 = time.perf_counter()
+                batch = next(source, None)
+                waited += time.perf_counter() - w0
+                if batch is None:
+                    break
+                m0 = clock.mark()
+                im = batch.images.to(device, non_blocking=non_blocking)  # pinned by the reader on CUDA
+                im = im.half() if half else im.float()
+                im /= 255
+                m1 = clock.mark()
+                pred = model(im)[0]
+                m2 = clock.mark()
+                dets = postprocess_batch(pred, conf, iou, max_det, batch.ratio_pad, batch.shapes0,
+                                         map_images=map_images)  # ends with the copy to the host
+                m3 = clock.mark()
+                for name, a, b in (("preprocess", m0, m1), ("inference", m1, m2), ("nms", m2, m3)):
+                    clock.add(name, a, b)
+                t3 = time.perf_counter()
+                res.detections += len(dets)
+                evaluator.process(batch, dets)
+                res.seconds["postprocess"] += time.perf_counter() - t3
+                n = len(batch.image_ids)
+                res.images += n
+                res.shape = tuple(im.shape)
+                if progress is not None:
+                    progress.update(n)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # stops the reader thread when the loop ends early
+    res.seconds |= clock.totals()
+    res.seconds["data_wait"] = waited
     return res
