@@ -195,6 +195,28 @@ def test_real_accounting_after_l1_pruning(v5n_fused, dense_fused):
     assert (~l2["selected"]).sum() == 3 and (l2[~l2["selected"]]["zeros"] == 0).all()
 
 
+def test_a_pruned_model_of_the_dense_shapes_reuses_the_dense_count_and_channel_pruning_counts_anew(v5n_fused,
+                                                                                                     dense_fused):
+    """The job's accounting reuses the dense GFLOPs when every shape is the dense model's (zeros do not change
+    a count) and counts again otherwise; sizes can be left to the caller (computed off the critical path)."""
+    import copy
+
+    from sweep.config.spec import PruneSpec
+    from sweep.prune.methods import PRUNERS
+
+    dense, _ = dense_fused
+    zeros = PRUNERS["l1_unstructured"](copy.deepcopy(v5n_fused), 0.5, PruneSpec("l1_unstructured"))
+    m, _ = accounting(zeros, None, 640, 0.5, reference=dense | {"gflops": 123.0}, reference_model=v5n_fused,
+                      sizes=False)
+    assert m["gflops"] == 123.0  # taken from the reference, not counted (the marker value proves it)
+    assert gflops(zeros, 640) == dense["gflops"]  # and what counting would give is the same
+    assert "size_mb" not in m and "size_mb_compressed" not in m
+    thin = PRUNERS["channel"](copy.deepcopy(v5n_fused), 0.3, PruneSpec("channel"))
+    m2, _ = accounting(thin, None, 640, 0.3, reference=dense, reference_model=v5n_fused)
+    assert m2["gflops"] == gflops(thin, 640) < 0.6 * dense["gflops"]
+    assert sizes_mb(thin.state_dict()) == (m2["size_mb"], m2["size_mb_compressed"])  # a state_dict sizes alike
+
+
 def test_flops_counted_on_the_meta_device_equal_a_real_forward_pass(yolov5n_path):
     """gflops() runs on PyTorch's meta device (no arithmetic): the count must be the real pass's, for the
     official model unfused and fused and channel-pruned (the meta path must not be silently skipped)."""

@@ -156,18 +156,28 @@ def _count_flops(model: nn.Module, x: torch.Tensor, meta: bool) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def state_dict_bytes(model: nn.Module) -> bytes:
-    """``torch.save(model.state_dict())`` as bytes (dense, current dtype)."""
+def state_dict_bytes(model: nn.Module | dict[str, torch.Tensor]) -> bytes:
+    """``torch.save(model.state_dict())`` as bytes (dense, current dtype); a state_dict may be given instead."""
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
+    torch.save(model.state_dict() if isinstance(model, nn.Module) else model, buf)
     return buf.getvalue()
 
 
-def sizes_mb(model: nn.Module, level: int = ZSTD_LEVEL) -> tuple[float, float]:
-    """``(size_mb, size_mb_compressed)``: the saved state_dict, raw and zstd-compressed, in 1e6 B."""
+def sizes_mb(model: nn.Module | dict[str, torch.Tensor], level: int = ZSTD_LEVEL) -> tuple[float, float]:
+    """``(size_mb, size_mb_compressed)``: the saved state_dict, raw and zstd-compressed, in 1e6 B.
+
+    Given the ``state_dict()`` taken at accounting time it can run in another thread while the model is used
+    (evaluation never changes a weight in place; a cast or a move makes new tensors)."""
     raw = state_dict_bytes(model)
     packed = zstandard.ZstdCompressor(level=level).compress(raw)
     return len(raw) / MB, len(packed) / MB
+
+
+def same_shapes(model: nn.Module, other: nn.Module) -> bool:
+    """True when both have the same named parameters and buffers with the same shapes (then the same
+    GFLOPs: :func:`gflops` counts from shapes only)."""
+    a, b = model.state_dict(), other.state_dict()
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
 
 @torch.no_grad()
@@ -177,6 +187,8 @@ def accounting(
     imgsz: Union[int, Sequence[int]],
     sparsity_target: Optional[float] = None,
     reference: Optional[dict[str, Any]] = None,
+    reference_model: Optional[nn.Module] = None,
+    sizes: bool = True,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Every accounting metric of ``model`` and the per-layer table.
 
@@ -188,12 +200,17 @@ def accounting(
     ``size_mb``, ``size_mb_compressed``; with ``reference`` (the metrics of the dense model)
     also ``params_ratio`` and ``gflops_ratio`` (pruned / dense, the channel method's
     reduction). ``layers`` is :func:`layer_table` (write it with ``to_csv(index=False)``).
+
+    ``reference_model`` (the dense model ``reference`` was measured on): when ``model`` has its shapes (every
+    method but ``channel``: zeros do not change a FLOP count), ``gflops`` is the reference's, not counted
+    again. ``sizes=False`` leaves out the two sizes (the caller computes them elsewhere, :func:`sizes_mb`).
     """
     layers = layer_table(model, selected_names)
     sel = layers[layers["selected"]]
     numel = int(sel["numel"].sum())
     params, nonzero = param_counts(model)
-    size, size_c = sizes_mb(model)
+    reuse = reference is not None and reference_model is not None and "gflops" in reference \
+        and same_shapes(model, reference_model)
     metrics: dict[str, Any] = {}
     if sparsity_target is not None:
         metrics["sparsity_target"] = float(sparsity_target)
@@ -202,10 +219,10 @@ def accounting(
         "sparsity_global": (params - nonzero) / params if params else 0.0,  # = sparsity_global(model), one pass
         "params": params,
         "params_nonzero": nonzero,
-        "gflops": gflops(model, imgsz),
-        "size_mb": size,
-        "size_mb_compressed": size_c,
+        "gflops": reference["gflops"] if reuse else gflops(model, imgsz),  # type: ignore[index]
     })
+    if sizes:
+        metrics["size_mb"], metrics["size_mb_compressed"] = sizes_mb(model)
     if reference:
         if reference.get("params"):
             metrics["params_ratio"] = params / reference["params"]
