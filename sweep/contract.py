@@ -210,7 +210,7 @@ STATUSES = ("done", "skipped", "failed")
 class Outcome:
     """What one job of a sweep came to: written into its output folder, read by the sweep's summary."""
 
-    status: str                    # done | skipped | failed
+    status: str                    # done | skipped | failed (deferred: in memory only, its completion saves it)
     name: str
     run_id: str | None = None
     reason: str = ""

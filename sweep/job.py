@@ -22,7 +22,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
@@ -41,11 +42,13 @@ from sweep.evaluate import CocoEvaluator, CocoResult, LoopResult, gc_paused, mea
 from sweep.evaluate.device import release_cached_memory
 from sweep.evaluate.latency import measure_latency_pair
 from sweep.evaluate.timing import Stopwatch
+from sweep.evaluate.worker import PendingEvaluation, coco_worker, evaluate_here
 from sweep.memo import EvalData, ProcessMemo
 from sweep.export import layer_time_table, onnx_runtime_latency
 from sweep.model import ArtifactFiles, CheckpointError, LoadedCheckpoint, artifact_sizes, fuse, load_artifact, \
     save_artifact
 from sweep.prune import PRUNERS, accounting, select_convs
+from sweep.prune.accounting import sizes_mb
 from sweep.prune.sensitivity import allocate, allocation_table, write_allocation
 from sweep.recover import RECOVERERS, Calibration
 from sweep.track import Tracker, TrackingError, environment_tags
@@ -114,10 +117,28 @@ def allocate_layers(spec: JobSpec, ckpt: LoadedCheckpoint, memo: ProcessMemo, ev
     return dataclasses.replace(spec.prune, allocation=tuple(zeros.items())), table, metrics
 
 
-def account(model: nn.Module, spec: JobSpec, dense: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Sparsity, size and cost figures of the FP32 model (before any FP16 cast), against the dense model's."""
+def account(model: nn.Module, spec: JobSpec, dense: dict[str, Any], dense_model: nn.Module
+            ) -> tuple[dict[str, Any], pd.DataFrame, Future]:
+    """Sparsity, size and cost figures of the FP32 model (before any FP16 cast), against the dense model's.
+
+    The GFLOPs are the dense model's whenever the shapes are (every method but ``channel``); the stored and
+    compressed sizes (``torch.save`` + zstd, seconds for yolov5x) are computed in a background thread from the
+    state_dict taken now, off the job's critical path: the future's ``result()`` gives their metrics."""
     selected = list(select_convs(model, spec.prune.include, spec.prune.exclude))
-    return accounting(model, selected, spec.eval.imgsz, spec.sparsity, reference=dense)
+    acc, per_layer = accounting(model, selected, spec.eval.imgsz, spec.sparsity, reference=dense,
+                                reference_model=dense_model, sizes=False)
+    sizes = in_background(lambda state: dict(zip(("size_mb", "size_mb_compressed"), sizes_mb(state))),
+                          model.state_dict())
+    return acc, per_layer, sizes
+
+
+def in_background(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` in a thread of its own (it ends with the call)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="background")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def evaluate(model: nn.Module, data: EvalData, batches: Any, ev: EvalSpec, device: torch.device,
@@ -226,11 +247,30 @@ def on_device(device: torch.device) -> Iterator[None]:
         yield
 
 
-def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str, Any], list[Path]]:
-    """The measured part of a job. Returns (metrics, artifact files)."""
+@dataclass
+class Measured:
+    """A job's measurements while its COCO numbers (and its sizes) are still being computed elsewhere."""
+
+    metrics: dict[str, Any]        # everything but the COCO numbers, the sizes and the waits
+    files: list[Path]
+    per_layer: pd.DataFrame
+    allocation: pd.DataFrame | None
+    shape: tuple[int, ...]
+    coco: PendingEvaluation
+    sizes: Future
+    sw: Stopwatch
+    forward_span: tuple[float, float]  # wall-clock (time.time()) start and end of the inference loop
+
+
+def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Measured:
+    """The measured part of a job: everything up to handing its detections to the COCO worker (which
+    evaluates them meanwhile) and the latency, profile and export stages that run while it does.
+    :func:`complete_measure` turns it into (metrics, artifact files)."""
     device = torch.device(spec.eval.device)
     ev = spec.eval
     sw = Stopwatch(device)
+    if ev.coco_worker:
+        coco_worker().start()  # spawned while this job loads, prunes and runs the model
     if ev.gpu_shared:
         log.warning("%s: %s is also claimed by another process (more processes than GPUs): the ms figures measure "
                     "the contention too (tag %s)", spec.run_name, device, contract.TAG_GPU_SHARED)
@@ -248,8 +288,11 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
         with sw.stage("allocate"):
             prune, allocation, alloc_metrics = allocate_layers(spec, ckpt, memo, data.files, device)
     model, recover_metrics = prune_and_recover(model, spec.sparsity, prune, spec.recover, calibration, sw)
+    with sw.stage("dense_reference"):  # once per process and checkpoint (the memo keeps them)
+        dense_figures = memo.dense_accounting(spec.model.sha256, ckpt.model, ev.imgsz)
+        dense_model = memo.dense_model(spec.model.sha256, ckpt.model)
     with sw.stage("accounting"):
-        acc, per_layer = account(model, spec, memo.dense_accounting(spec.model.sha256, ckpt.model, ev.imgsz))
+        acc, per_layer, sizes = account(model, spec, dense_figures, dense_model)
     out = ctx.output_dir
     files: list[Path] = []
     with on_device(device):
@@ -261,16 +304,24 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
         evaluator = CocoEvaluator(data.ground_truth, backend=ev.backend, image_ids=data.image_ids,
                                   class_map=data.class_map, bootstrap=ev.bootstrap)
         with gc_paused():  # the result rows live and die inside this block, unseen by the collector
+            t_loop = time.time()
             with sw.stage("inference_loop"):
                 loop = evaluate(model, data, memo.batches(data, ev.preprocessed), ev, device, evaluator,
                                 f"{spec.model.name} s={contract.sparsity_label(spec.sparsity)}")
+            forward_span = (t_loop, time.time())
             if ev.save_json:
                 (out / "predictions.json").write_text(evaluator.predictions_json())
                 files.append(out / "predictions.json")
-            log.info("COCO evaluation of %d detections (%s)...", loop.detections, ev.backend)
-            with sw.stage("coco_eval"):
-                coco = evaluator.evaluate()
+            columns = evaluator.columns()
             del evaluator
+        memo.complete_deferred()  # the previous point's COCO evaluation ran during this point's forward pass
+        if ev.coco_worker:
+            log.info("COCO evaluation of %d detections (%s) in the worker process...", loop.detections, ev.backend)
+            coco = coco_worker().submit(data.key, data.ground_truth, columns, data.image_ids, ev.backend,
+                                        ev.bootstrap)
+        else:
+            log.info("COCO evaluation of %d detections (%s)...", loop.detections, ev.backend)
+            coco = evaluate_here(data.ground_truth, columns, data.image_ids, ev.backend, ev.bootstrap)
         lat: dict[str, float] = {}
         if ev.latency and "torch" in ev.runtimes:
             log.info("timing latency: batch 1 and %d, %d iterations each%s...", ev.batch, ev.latency_iters,
@@ -294,18 +345,37 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> tuple[dict[str
 
     for stage, seconds in loop.seconds.items():
         sw.add("forward" if stage == "inference" else stage, seconds)
-    metrics: dict[str, Any] = dict(coco.stats) | loop.per_image_ms() | {
+    metrics: dict[str, Any] = loop.per_image_ms() | {
         "images": loop.images, "instances": data.instances, "detections": loop.detections,
         "images_skipped": len(data.skipped),
-    } | interval_metrics(coco) | acc | alloc_metrics | recover_metrics | lat | sw.as_metrics()
+    } | acc | alloc_metrics | recover_metrics | lat
     metrics |= {"model": spec.model.name, "data": spec.data.name, "sparsity_target": spec.sparsity,
                 "prune_method": spec.prune.method, "prune_fused": spec.prune.fused,
                 "recover_method": spec.recover.method, "device": str(device), "half": ev.half,
                 "config_hash": spec.config_hash}
-    _print_summary(spec, metrics, loop.shape)
-    files += write_artifacts(out, spec, metrics, per_layer, coco)
-    if allocation is not None:
-        files += write_allocation(allocation, out, spec.sparsity)
+    return Measured(metrics, files, per_layer, allocation, loop.shape, coco, sizes, sw, forward_span)
+
+
+def complete_measure(spec: JobSpec, ctx: JobContext, m: Measured) -> tuple[dict[str, Any], list[Path]]:
+    """Wait for the job's COCO numbers and sizes, then write its artifacts. Returns (metrics, artifact files).
+
+    ``seconds_coco_wait`` is how long this waited (0 when the evaluation was done by then), ``seconds_coco_eval``
+    how long the evaluation took where it ran; ``timeline.json`` has the wall-clock spans of the forward pass
+    and the evaluation (benchmarks/overlap.py draws them)."""
+    t0 = time.perf_counter()
+    done = m.coco.result()
+    sizes = m.sizes.result()
+    m.sw.add("coco_wait", time.perf_counter() - t0)
+    m.sw.add("coco_eval", done.seconds)
+    coco = done.result
+    metrics = dict(coco.stats) | m.metrics | sizes | interval_metrics(coco) | m.sw.as_metrics()
+    out = ctx.output_dir
+    (out / "timeline.json").write_text(json.dumps({"forward": m.forward_span, "coco_eval": [done.started, done.ended],
+                                                   "coco_where": done.where, "completed": time.time()}))
+    _print_summary(spec, metrics, m.shape)
+    files = m.files + write_artifacts(out, spec, metrics, m.per_layer, coco)
+    if m.allocation is not None:
+        files += write_allocation(m.allocation, out, spec.sparsity)
     return metrics, files
 
 
@@ -371,9 +441,29 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
         if sink is not None:
             sink.log(params=dict(spec.params))
         try:
-            metrics, files = measure(spec, ctx, memo)
+            measured = measure(spec, ctx, memo)
         finally:  # the job's model and activations are gone: their cached blocks go back to the GPU
             release_cached_memory(torch.device(spec.eval.device))
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; submitit requeueing a preempted/timed-out job exits it
+        if sink is not None:
+            sink.end("KILLED", quick=True)
+        raise
+    except Exception as exc:
+        if sink is not None:
+            _record_failure(sink, ctx.output_dir, exc)
+        raise
+    if memo.defer_completion and ctx.sweep_id:
+        memo.deferred.append(lambda: _complete(spec, ctx, memo, sink, measured, deferred=True))
+        return Outcome("deferred", spec.run_name, sink.run_id if sink else None)
+    return _complete(spec, ctx, memo, sink, measured, deferred=False)
+
+
+def _complete(spec: JobSpec, ctx: JobContext, memo: ProcessMemo, sink: RunSink | None, measured: Measured,
+              deferred: bool) -> Outcome:
+    """The job's end once its COCO numbers are in: artifacts, metrics and the run's end. A deferred job (see
+    ``ProcessMemo.defer_completion``) also records its outcome here, and never raises: its failure is its own."""
+    try:
+        metrics, files = complete_measure(spec, ctx, measured)
         pending = False
         if sink is not None:
             sw = Stopwatch()
@@ -384,16 +474,21 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
             metrics.update(sw.as_metrics())
             if pending:
                 memo.tracking_down.add(spec.track.uri)
-        reason = f"upload pending: {sink.spooled}" if pending else ""
-        return Outcome("done", spec.run_name, sink.run_id if sink else None, reason, metrics, pending=pending)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; submitit requeueing a preempted/timed-out job exits it
+        reason = f"upload pending: {sink.spooled}" if pending and sink is not None else ""
+        outcome = Outcome("done", spec.run_name, sink.run_id if sink else None, reason, metrics, pending=pending)
+    except (KeyboardInterrupt, SystemExit):
         if sink is not None:
             sink.end("KILLED", quick=True)
         raise
     except Exception as exc:
         if sink is not None:
             _record_failure(sink, ctx.output_dir, exc)
-        raise
+        if not deferred:
+            raise
+        outcome = failed_outcome(spec.run_name, exc)
+    if deferred:
+        report_outcome(outcome, ctx)
+    return outcome
 
 
 def _finished_point(tracker: Tracker, spec: JobSpec, ctx: JobContext) -> Outcome | None:
@@ -537,29 +632,59 @@ def task(cfg: DictConfig, memo: ProcessMemo) -> Outcome:
         outcome = run_job(cfg, ctx, memo)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP turned into one by the entry point
         Outcome("failed", name, None, f"interrupted ({exc or 'Ctrl-C'})").save(ctx.output_dir)
+        _complete_earlier_jobs(memo)
         _mark_parent_killed(cfg, ctx.sweep_id)
         raise
     except Exception as exc:  # noqa: BLE001 - every job failure is reported the same way
-        user_error = isinstance(exc, USER_ERRORS)
-        reason = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
-        if not user_error:
-            log.error("job %s failed:\n%s", name, traceback.format_exc())
-        outcome = Outcome("failed", name, None, reason)
+        outcome = failed_outcome(name, exc, multirun)
         outcome.save(ctx.output_dir)
         if not multirun:
-            print(f"error: {reason}", file=sys.stderr)
-            sys.exit(2 if user_error else 1)
-        log.error("job %s failed: %s", name, reason)
+            print(f"error: {outcome.reason}", file=sys.stderr)
+            sys.exit(2 if isinstance(exc, USER_ERRORS) else 1)
         return outcome
-    outcome.save(ctx.output_dir)
-    m = outcome.metrics
-    if outcome.status == "done":
-        log.info("done %s: mAP50-95 %.4f  AR100 %.4f  %.1f ms/img -> %s", name, m.get("mAP50-95", 0),
-                 m.get("AR100", 0), m.get("ms_inference", 0), ctx.output_dir)
+    if outcome.status == "deferred":  # its completion records it (after the next point's forward pass)
+        return outcome
+    report_outcome(outcome, ctx)
     if outcome.pending and not multirun:
         print(pending_message(1, resolve_tracking(cfg)), file=sys.stderr)
         sys.exit(EXIT_PENDING)
     return outcome
+
+
+def failed_outcome(name: str, exc: BaseException, multirun: bool = True) -> Outcome:
+    """A failed job's outcome: a user error's message as it is (it names the key and value), anything else
+    with its type and the traceback in the log (a multirun also logs the message: its summary comes later)."""
+    user_error = isinstance(exc, USER_ERRORS)
+    reason = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
+    if not user_error:
+        log.error("job %s failed:\n%s", name, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    if multirun:
+        log.error("job %s failed: %s", name, reason)
+    return Outcome("failed", name, None, reason)
+
+
+def report_outcome(outcome: Outcome, ctx: JobContext) -> None:
+    """``outcome.json`` in the job's folder (the sweep's summary reads it) and the job's last log line."""
+    outcome.save(ctx.output_dir)
+    m = outcome.metrics
+    if outcome.status == "done":
+        log.info("done %s: mAP50-95 %.4f  AR100 %.4f  %.1f ms/img -> %s", outcome.name, m.get("mAP50-95", 0),
+                 m.get("AR100", 0), m.get("ms_inference", 0), ctx.output_dir)
+
+
+def _complete_earlier_jobs(memo: ProcessMemo) -> None:
+    """On an interruption: the jobs waiting for their COCO numbers are completed (the worker ignores Ctrl-C and
+    has them within seconds) rather than lost; a second interruption gives up on them (their runs stay RUNNING
+    until the next sweep's start closes them as orphans, and resume evaluates them again)."""
+    if memo.deferred:
+        log.warning("interrupted: completing %d earlier job(s) whose COCO evaluation is in the worker process",
+                    len(memo.deferred))
+    try:
+        memo.complete_deferred()
+    except BaseException as exc:  # noqa: BLE001 - already stopping
+        log.error("earlier jobs not completed (%s)", type(exc).__name__)
+        memo.deferred.clear()
+    coco_worker().stop()
 
 
 def _mark_parent_killed(cfg: DictConfig, sweep_id: str | None) -> None:

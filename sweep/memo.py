@@ -15,9 +15,10 @@ import copy
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -46,6 +47,7 @@ class EvalData:
     class_map: list[int]
     instances: int
     batches: list[Batch] | None = None   # decoded, once a full pass was kept in memory
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)  # names its ground truth in the COCO worker
 
     @property
     def files(self) -> list[str]:
@@ -74,6 +76,16 @@ class ProcessMemo:
     tracking_down: set[str] = field(default_factory=set)  # store URIs that failed past their retry window here
     curves: dict[str, list[Curve]] = field(default_factory=dict)
     gpu: GpuClaim | None = None  # this process's GPU under eval.device=auto|cuda, claimed at its first CUDA job
+    # Set by the sweep callback in the process that runs the sweep's jobs itself (the sequential launcher): a job
+    # then leaves its completion (waiting for its COCO numbers, logging them, ending its run) to run after the
+    # next point's forward pass, or at the sweep's end (``complete_deferred``).
+    defer_completion: bool = False
+    deferred: list[Callable[[], Any]] = field(default_factory=list)
+
+    def complete_deferred(self) -> None:
+        """Complete every deferred job, oldest first (each records its own failure; none raises)."""
+        while self.deferred:
+            self.deferred.pop(0)()
 
     # -- device -------------------------------------------------------------------------------
     def gpu_claim(self) -> GpuClaim:

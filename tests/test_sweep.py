@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import make_cfg, run_cli, runs
 from omegaconf import OmegaConf
@@ -34,6 +36,12 @@ def test_multirun_logs_nested_runs_resumes_and_reports(tmp_path, assets):
     assert by_s["0.0"]["sparsity"] < 1e-6 and abs(by_s["0.5"]["sparsity"] - 0.5) < 1e-3
     assert by_s["0.5"]["mAP50-95"] < by_s["0.0"]["mAP50-95"]
     assert "3 done, 0 skipped, 0 failed" in p.stdout
+    # the sequential launcher overlaps points: job k's COCO evaluation ran in the worker process, and job k was
+    # completed (its run ended, its outcome written) after job k+1's forward pass; the last at the sweep's end
+    tl = [json.loads((tmp_path / "s1" / str(k) / "timeline.json").read_text()) for k in range(3)]
+    assert all(t["coco_where"] == "worker" for t in tl)
+    assert all(tl[k]["completed"] >= tl[k + 1]["forward"][1] for k in range(2))
+    assert all({"seconds_coco_wait", "seconds_coco_eval", "seconds_data_wait"} <= set(r.data.metrics) for r in kids)
     # the report was built at the end of the multirun and attached to the parent run
     report_dir = out / "reports" / "s1"
     for name in ("accuracy_vs_sparsity.png", "report.pdf", "results.csv", "results.md"):

@@ -93,6 +93,9 @@ def run_search(sweeper: Any, arguments: list[str]) -> list[Sequence[JobReturn]]:
                 for p in probes]
         log.info("budget round %d: jobs %d-%d: %s", len(returns) + 1, first, first + len(batch) - 1, ", ".join(what))
         results = sweeper.launcher.launch(batch, initial_job_idx=first)
+        from sweep.memo import process_memo
+
+        process_memo().complete_deferred()  # jobs of this process whose COCO numbers were still coming
         returns.append(results)
         return [point_result(r, spec.metric) for r in results]
 

@@ -91,7 +91,7 @@ def _check_values(c: Mapping[str, Any]) -> None:
         v = e[key]
         _check(0.0 <= v <= 1.0 and not math.isnan(v), f"eval.{key}", v, "a number in [0, 1]")
     _check(e["max_det"] >= 1, "eval.max_det", e["max_det"], "an integer >= 1")
-    _check(e["workers"] >= 0, "eval.workers", e["workers"], "an integer >= 0")
+    _check(e["workers"] is None or e["workers"] >= 0, "eval.workers", e["workers"], "an integer >= 0 or null")
     _check(e["latency_iters"] >= 1, "eval.latency_iters", e["latency_iters"], "an integer >= 1")
     b = e["bootstrap"]
     _check(isinstance(b, int) and not isinstance(b, bool) and b >= 0, "eval.bootstrap", b,
@@ -489,6 +489,18 @@ def check_values(cfg: DictConfig) -> None:
     resolve_tracking(c)
 
 
+def decode_threads(workers: int | None) -> int:
+    """``eval.workers``, or (null) the CPUs this process may use (its affinity: what Slurm's cpus_per_task
+    gives it), at most 8: decoding stops scaling there and the rest stay with the forward pass."""
+    if workers is not None:
+        return int(workers)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 2
+    return max(1, min(8, cpus))
+
+
 def resolve_job(cfg: DictConfig, memo: Any) -> JobSpec:
     """The whole pre-flight of one job. ``memo`` (:class:`sweep.memo.ProcessMemo`) keeps what it opens
     (checkpoint, dataset scan, calibration images) for the job and for later jobs of the process."""
@@ -522,10 +534,10 @@ def resolve_job(cfg: DictConfig, memo: Any) -> JobSpec:
                           "checkpoint (e.g. the official release or train.py's best.pt), or recover=none")
     e = c["eval"]
     evaluation = EvalSpec(int(imgsz), int(e["batch"]), float(e["conf"]), float(e["iou"]), int(e["max_det"]),
-                          str(device), half, str(e["backend"]), int(e["workers"]), bool(e["save_json"]),
+                          str(device), half, str(e["backend"]), decode_threads(e["workers"]), bool(e["save_json"]),
                           bool(e["latency"]), int(e["latency_iters"]), bool(e["progress"]),
                           preprocessed_dir(c["paths"]["preprocessed"]), tuple(e["runtimes"]), int(e["bootstrap"]),
-                          bool(e["profile"]), bool(claim is not None and claim.shared))
+                          bool(e["profile"]), bool(e["coco_worker"]), bool(claim is not None and claim.shared))
     eval_data = memo.eval_data(data, evaluation, stride, ckpt.names, model.weights)  # scans every label now
     memo.calibration(recover, evaluation, eval_data.files, device, ckpt.names)  # refuses evaluation images now
     memo.calibration(prune.calibration, evaluation, eval_data.files, device, ckpt.names)  # sensitivity's images

@@ -128,7 +128,7 @@ class EvalConfig:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     half: Optional[bool] = None   # null: FP16 on CUDA, FP32 on CPU
     backend: str = "faster"       # faster-coco-eval; pycocotools gives the same 12 numbers (tested)
-    workers: int = 2
+    workers: Optional[int] = None  # image-decoding threads; null: the CPUs this process may use, at most 8
     save_json: bool = False
     latency: bool = True          # latency on a synthetic input at batch 1 and batch `eval.batch`
     latency_iters: int = 30       # timed repetitions (batch 1; CPU batches: a tenth, at least 3) for median + quartiles
@@ -146,6 +146,9 @@ class EvalConfig:
     # per-image matching (logged as <metric>_lo / <metric>_hi); 0: none. An integer >= 0, typed Any so that a
     # bad value gets resolve's message (key, value, what is allowed) rather than Hydra's merge error.
     bootstrap: Any = 0
+    # the COCO evaluation in a worker process (spawned once per process), overlapping the job's later stages
+    # and, in a sequential sweep, the next point; false: in the job's own process, one stage after the other
+    coco_worker: bool = True
 
 
 @dataclass

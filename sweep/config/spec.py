@@ -111,6 +111,7 @@ class EvalSpec:
     runtimes: tuple[str, ...] = ("torch",)  # latency measured in: torch, onnxruntime
     bootstrap: int = 0        # image resamples for the COCO numbers' confidence intervals, 0: none
     profile: bool = False     # per-layer time breakdown (torch.profiler) of the model and its dense reference
+    coco_worker: bool = True  # COCO evaluation in a worker process (overlapped), else in this one
     gpu_shared: bool = False  # resolved: this process's claimed GPU is also claimed by another process
 
 

@@ -251,6 +251,10 @@ class SweepCallback(Callback):
         self._start(config)
         self._open = config
         atexit.register(self._abandoned)
+        # Jobs that run in this process (the sequential launcher) leave their completion to after the next
+        # point's forward pass, so a point's COCO evaluation overlaps the next point; worker processes of the
+        # other launchers never see this flag and complete each job before returning it.
+        process_memo().defer_completion = True
 
     def _start(self, config: DictConfig) -> None:
         if not config.mlflow.enabled:
@@ -294,6 +298,9 @@ class SweepCallback(Callback):
         log.info("sweep %s: MLflow parent run %s in %s", sweep_id, self.parent_run_id, contract.redact(tracker.uri))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        memo = process_memo()
+        memo.complete_deferred()  # the last point(s) of this process
+        memo.defer_completion = False
         self._open = None
         atexit.unregister(self._abandoned)
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -351,6 +358,10 @@ class SweepCallback(Callback):
         config, self._open = self._open, None
         if config is None:
             return
+        try:
+            process_memo().complete_deferred()  # jobs of this process whose COCO numbers were still coming
+        except Exception as exc:  # noqa: BLE001 - exiting anyway
+            log.error("earlier jobs not completed: %s", exc)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         outcomes = _summarize(sweep_dir)
         print("sweep aborted: it stopped before every job reported (interrupted, or a worker process was killed: "
