@@ -1,6 +1,7 @@
-"""One-shot GPU check (issue #15): accuracy on CUDA FP16/FP32 vs CPU FP32, the stage split of
+"""One-shot GPU check (issues #15, #18): accuracy on CUDA FP16/FP32 vs CPU FP32, the stage split of
 yolov5n/s/m/l/x at batch 32 FP16 on a COCO-sized image set, a 10-point sparsity sweep, GPU
-utilisation during the forward passes; one JSON + Markdown summary.
+utilisation during the forward passes, the replay pipeline (benchmarks/pipeline.py: everything but the
+model, in images/s); one JSON + Markdown summary.
 
 On a bare GPU machine (PyTorch, OpenCV, pandas, matplotlib; no internet), from the repo root:
 
@@ -39,12 +40,14 @@ MODELS = ("yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x")
 
 # Sizes of the real run and the dry run.
 FULL = dict(models=MODELS, images=5000, batch=32, imgsz=640, acc_limit=None, sweep_points=10, sweep_model="yolov5n",
-            sweep_method="l1_unstructured", sweep_limit=None)
+            sweep_method="l1_unstructured", sweep_limit=None, replay_images=5000, replay_limit=None)
 DRY = dict(models=("yolov5n",), images=8, batch=4, imgsz=128, acc_limit=4, sweep_points=3, sweep_model="yolov5n",
-           sweep_method="l1_unstructured", sweep_limit=4)
+           sweep_method="l1_unstructured", sweep_limit=4, replay_images=16, replay_limit=8)
 
 # Every field the summary has (the dry run fills them all; tests check it).
-SUMMARY_FIELDS = ("dry_run", "env", "accuracy", "stage_split", "sparsity_sweep", "gpu_utilization", "seconds_total")
+SUMMARY_FIELDS = ("dry_run", "env", "accuracy", "stage_split", "sparsity_sweep", "gpu_utilization", "replay_pipeline",
+                  "seconds_total")
+REPLAY_FIELDS = ("device", "half", "images", "images_per_s", "images_per_s_overlapped", "seconds", "peak_rss_mb")
 ACCURACY_RUNS = ("cpu_fp32", "cuda_fp32", "cuda_fp16")
 ACCURACY_FIELDS = ("device", "half", "images", "mAP50-95", "mAP50", "AR100", "ms_inference", "seconds")
 STAGES = ("decode", "h2d", "forward", "nms", "coco")
@@ -353,6 +356,18 @@ def run(out: Path, dry_run: bool, cache: Path) -> dict:
     summary["gpu_utilization"] = {"mean": sum(all_util) / len(all_util) if all_util else None,
                                   "max": max(all_util) if all_util else None, "samples": len(all_util),
                                   "source": splits[0]["gpu_utilization"]["source"] if splits else "none"}
+
+    # 4. the replay pipeline: everything but the model over a COCO-sized set (batch 32 at 640 in the real run)
+    sys.path.insert(0, str(HERE))
+    import pipeline
+
+    os.environ.setdefault("SWEEP_CACHE", str(cache))
+    with tempfile.TemporaryDirectory(prefix="gpu-check-replay-") as tmp:
+        m = pipeline.benchmark(sizes["replay_images"], device=str(gpu), limit=sizes["replay_limit"],
+                               batch=sizes["batch"], recordings=Path(tmp))
+    summary["replay_pipeline"] = {k: m[k] for k in REPLAY_FIELDS}
+    print(f"replay pipeline: {m['images_per_s']:.0f} images/s ({m['images_per_s_overlapped']:.0f} with the COCO "
+          "evaluation overlapped)", flush=True)
     summary["seconds_total"] = time.perf_counter() - t_start
     write_summary(summary, out)
     return summary
@@ -388,6 +403,11 @@ def write_summary(summary: dict, out: Path) -> tuple[Path, Path]:
     for p in sw["points"]:
         lines.append(f"| {p['sparsity']:.1f} | {p['sparsity_measured']:.3f} | {p['mAP50-95']:.4f} | "
                      f"{p['seconds_prune']:.2f} | {p['seconds_eval']:.2f} |")
+    rp = summary["replay_pipeline"]
+    lines += ["", f"## Replay pipeline (everything but the model, {rp['images']} images, {rp['device']})", "",
+              f"- {rp['images_per_s']:.0f} images/s; {rp['images_per_s_overlapped']:.0f} images/s with the COCO "
+              f"evaluation overlapped by the next point; peak RSS {rp['peak_rss_mb']:.0f} MB",
+              "- seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in rp["seconds"].items())]
     md = out / "gpu_check.md"
     md.write_text("\n".join(lines) + "\n")
     return js, md

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import dataclasses
 import hashlib
 import json
@@ -51,8 +52,8 @@ ID_STRIDE = 10**7  # image id of repetition r = original id + r * ID_STRIDE (COC
 # ------------------------------------------------------------------------------- coupling to the tool's evaluation API
 # The only place that calls run_inference, CocoEvaluator and the batch source: adapt these two functions when
 # those APIs change (batched post-processing, a background batch reader, COCO evaluation in a worker process).
-# ``data`` is timed in big_batches, in the thread that pulls the batches: once a background reader pulls them,
-# report the loop's own wait for a batch from evaluate_pipeline instead.
+# ``read`` is timed in big_batches, in the background reader thread that pulls the batches (it overlaps the
+# loop); the loop's own wait for a batch is ``data_wait``, from run_inference.
 
 
 def source_pass(memo: ProcessMemo, data: EvalData, preprocessed: Path, source: str) -> Iterable[Batch]:
@@ -76,8 +77,8 @@ def evaluate_pipeline(model: nn.Module, batches: Iterable[Batch], ground_truth: 
         del evaluator
     s = loop.seconds
     return {"stats": dict(coco.stats), "images": loop.images, "detections": loop.detections,
-            "seconds": {"preprocess": s["preprocess"], "forward": s["inference"], "nms": s["nms"],
-                        "postprocess": s["postprocess"], "coco_eval": coco_s}}
+            "seconds": {"data_wait": s["data_wait"], "preprocess": s["preprocess"], "forward": s["inference"],
+                        "nms": s["nms"], "postprocess": s["postprocess"], "coco_eval": coco_s}}
 
 
 # ------------------------------------------------------------------------------- the setup a job makes
@@ -102,7 +103,7 @@ def setup(work: Path, *, device: str = "cpu", batch: int = 32, limit: int | None
 
     from sweep.config import register_configs
     from sweep.config.resolve import resolve_job
-    from sweep.job import load_model, prune_and_recover
+    from sweep.model import fuse
 
     register_configs()
     overrides = ["model=yolov5n", "data=coco-val128", "sparsity=0", "recover=none", f"eval.device={device}",
@@ -117,7 +118,7 @@ def setup(work: Path, *, device: str = "cpu", batch: int = 32, limit: int | None
     ev = spec.eval
     ckpt = memo.checkpoint(spec.model.weights, spec.model.sha256)
     data = memo.eval_data(spec.data, ev, int(ckpt.stride.max()), ckpt.names, spec.model.weights)
-    model, _ = prune_and_recover(load_model(ckpt), 0.0, spec.prune, spec.recover, None)
+    model = fuse(copy.deepcopy(ckpt.model).float().eval())  # the dense job's model (sweep.job.prune_and_recover)
     dev = torch.device(ev.device)
     model = model.to(dev).eval()
     model = model.half() if ev.half else model
@@ -172,8 +173,9 @@ def repeated_set(data: EvalData, images: int) -> Repeated:
 
 
 def big_batches(s: Setup, rep_set: Repeated, feed: Any, seconds: dict[str, float]) -> Iterator[Batch]:
-    """The repeated set's batches from passes over the small set's source; the time spent waiting for each
-    batch goes to ``seconds['data']``; ``feed(k, n)`` tells a replaying model which batch comes next."""
+    """The repeated set's batches from passes over the small set's source; the time spent reading each batch
+    goes to ``seconds['read']`` (in the reader thread); ``feed(k, n)`` tells a replaying model which batch
+    comes next."""
     it: Iterator[Batch] | None = None
     try:
         for rep, k, n in rep_set.plan:
@@ -187,7 +189,7 @@ def big_batches(s: Setup, rep_set: Repeated, feed: Any, seconds: dict[str, float
                 raise RuntimeError(f"the batch source gave batch {b.index}, expected {k}")
             ids = [repeat_id(i, rep) for i in b.image_ids[:n]]
             out = Batch(b.images[:n], ids, b.paths[:n], b.shapes0[:n], b.ratio_pad[:n], b.index)
-            seconds["data"] += time.perf_counter() - t0
+            seconds["read"] += time.perf_counter() - t0
             if feed is not None:
                 feed(k, n)
             yield out
@@ -247,9 +249,14 @@ class Replay(_Keyed):
         return (pred if n == shape[0] else pred[:n]), None
 
 
-def recording_key(s: Setup) -> str:
-    from sweep.job import device_name
+def device_name(device: torch.device) -> str:
+    """The GPU's name or the CPU's architecture (sweep.job's fuller name needs MLflow, absent on a GPU box)."""
+    import platform
 
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+
+
+def recording_key(s: Setup) -> str:
     ev = s.spec.eval
     parts = [s.spec.model.sha256, s.data.dataset.cache_key(), ev.imgsz, ev.batch, ev.half, str(s.device.type),
              device_name(s.device), torch.__version__]
@@ -283,14 +290,15 @@ def recorded_outputs(s: Setup, batches: int, folder: Path = RECORDINGS) -> tuple
 
 
 def run(s: Setup, model: nn.Module, rep_set: Repeated, backend: str | None = None) -> dict[str, Any]:
-    """The pipeline over ``rep_set`` with ``model``: COCO numbers, wall seconds, seconds per stage."""
-    seconds = {"data": 0.0}
+    """The pipeline over ``rep_set`` with ``model``: COCO numbers, wall seconds, seconds per stage (``read_s``:
+    the background reader's seconds, overlapping the loop, not a stage of it)."""
+    seconds = {"read": 0.0}
     feed = getattr(model, "expect", None)
     t0 = time.perf_counter()
     r = evaluate_pipeline(model, big_batches(s, rep_set, feed, seconds), rep_set.ground_truth, rep_set.image_ids,
                           s.data.class_map, s.spec.eval, s.device, backend or s.spec.eval.backend)
     wall = time.perf_counter() - t0
-    r["seconds"] = seconds | r["seconds"]
+    r["read_s"] = seconds["read"]
     r["seconds"]["other"] = wall - sum(r["seconds"].values())
     r["wall_s"] = wall
     return r
@@ -342,11 +350,13 @@ def benchmark(images: int, *, device: str = "cpu", backend: str | None = None, s
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         children = children / 1024 if children > children_before else 0.0  # a larger child ended during the run
     ev = s.spec.eval
-    from sweep.job import device_name
-
     return {"images": r["images"], "distinct_image_ids": len(set(rep_set.image_ids)),
             "annotations": len(rep_set.ground_truth["annotations"]), "detections": r["detections"],
             "wall_s": r["wall_s"], "images_per_s": r["images"] / r["wall_s"], "seconds": r["seconds"],
+            "read_s": r["read_s"],
+            # a sweep evaluates a point's COCO numbers in the worker while the next point runs: its steady state
+            "images_per_s_overlapped": r["images"] / max(r["wall_s"] - r["seconds"]["coco_eval"],
+                                                         r["seconds"]["coco_eval"]),
             "rss_before_mb": rss_before, "peak_rss_mb": peak, "peak_rss_children_mb": children, "peak_rss_since_setup": exact_peak,
             "replay_tensors_mb": replay_mb, "recording": where, "stats": r["stats"],
             "source": source, "backend": backend or ev.backend, "device": str(s.device),
@@ -363,7 +373,9 @@ def print_table(m: dict[str, Any]) -> None:
     for k, v in m["seconds"].items():
         print(f"{k:<12} {v:>8.2f} {v / m['images'] * 1e3:>8.2f} {v / m['wall_s']:>6.0%}")
     print(f"{'total':<12} {m['wall_s']:>8.2f} {m['wall_s'] / m['images'] * 1e3:>8.2f}  -> "
-          f"{m['images_per_s']:.0f} images/s")
+          f"{m['images_per_s']:.0f} images/s; {m['images_per_s_overlapped']:.0f} images/s with the COCO evaluation "
+          f"overlapped by the next point (a sweep's steady state)")
+    print(f"background reader: {m['read_s']:.2f} s reading batches, overlapping the loop")
     children = f"child processes {m['peak_rss_children_mb']:.0f} MB; " if m["peak_rss_children_mb"] else ""
     print(f"peak RSS {m['peak_rss_mb']:.0f} MB{'' if m['peak_rss_since_setup'] else ' (whole process)'}, "
           f"{m['rss_before_mb']:.0f} MB before the run "

@@ -32,6 +32,7 @@ from sweep.config import register_configs  # noqa: E402
 from sweep.config.resolve import resolve_job  # noqa: E402
 from sweep.job import JobContext, run_job  # noqa: E402
 from sweep.memo import ProcessMemo  # noqa: E402
+from sweep.evaluate.timing import sync  # noqa: E402
 from sweep.model import fuse  # noqa: E402
 from sweep.process import setup_process  # noqa: E402
 
@@ -41,21 +42,25 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 @torch.inference_mode()
 def forward_floor(memo: ProcessMemo, cfg) -> float:
-    """Seconds of pure model forward passes over the dataset's (already decoded) batches (best of 2)."""
+    """Seconds of pure model forward passes over the dataset's (already decoded) batches (best of 2), on the
+    job's device and in its precision (FP16 on CUDA), the batches already there: the floor a job's own
+    ``seconds_forward`` is compared with."""
     spec = resolve_job(cfg, memo)
+    device, half = torch.device(spec.eval.device), spec.eval.half
     ckpt = memo.checkpoint(spec.model.weights, spec.model.sha256)
-    model = fuse(copy.deepcopy(ckpt.model).float().eval())
+    model = fuse(copy.deepcopy(ckpt.model).float().eval()).to(device)
+    model = model.half() if half else model
     data = memo.eval_data(spec.data, spec.eval, int(ckpt.stride.max()), ckpt.names, spec.model.weights)
-    batches = list(memo.batches(data, spec.eval.preprocessed))
+    inputs = [b.images.to(device) for b in memo.batches(data, spec.eval.preprocessed)]
+    inputs = [(x.half() if half else x.float()) / 255 for x in inputs]
     passes = []
     for _ in range(2):  # the CPU's speed drifts by 10-15% between passes: keep the faster one
-        total = 0.0
-        for b in batches:
-            x = b.images.float() / 255
-            t0 = time.perf_counter()
+        sync(device)
+        t0 = time.perf_counter()
+        for x in inputs:
             model(x)
-            total += time.perf_counter() - t0
-        passes.append(total)
+        sync(device)
+        passes.append(time.perf_counter() - t0)
     return min(passes)
 
 
@@ -88,8 +93,8 @@ def main() -> None:
     floor = forward_floor(memo, cfg)
     print(f"start-up (interpreter + imports): {T_IMPORTED - T_START:.2f} s")
     print(f"forward-pass floor per point (pure model(x) over the decoded batches): {floor:.2f} s")
-    keys = ["load_model", "data", "prune", "accounting", "preprocess", "forward", "nms", "postprocess", "coco_eval",
-            "logging"]
+    keys = ["load_model", "data", "prune", "accounting", "data_wait", "preprocess", "forward", "nms", "postprocess",
+            "coco_eval", "coco_wait", "logging"]
     print(f"{'point':>6} {'wall':>7} {'x floor':>8} {'x own fw':>8} " + " ".join(f"{k[:10]:>10}" for k in keys))
     for r in rows:
         own = r.get("seconds_forward") or floor

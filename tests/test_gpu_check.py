@@ -48,6 +48,9 @@ def test_dry_run_fills_every_field_the_gpu_run_fills(tmp_path, assets):
     points = s["sparsity_sweep"]["points"]
     assert len(points) == g.DRY["sweep_points"] and all(set(p) == set(g.SWEEP_FIELDS) for p in points)
     assert points[-1]["sparsity_measured"] > points[0]["sparsity_measured"]
+    replay = s["replay_pipeline"]
+    assert set(replay) == set(g.REPLAY_FIELDS) and replay["images"] == g.DRY["replay_images"]
+    assert replay["images_per_s"] > 0 and "coco_eval" in replay["seconds"]
     assert set(s["gpu_utilization"]) == set(g.UTIL_FIELDS) and s["seconds_total"] > 0
     md = (out / "gpu_check.md").read_text()
     assert "## Stage split" in md and "## Sparsity sweep" in md and "cuda_fp16" in md
