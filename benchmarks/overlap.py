@@ -79,7 +79,8 @@ def draw(results: dict, path: Path) -> None:
         for row, p in enumerate(r["points"]):
             y = len(r["points"]) - 1 - row
             end = max(p["job"][1], p["completed"])
-            ax.broken_barh([(p["job"][0], end - p["job"][0])], (y - 0.4, 0.8), color="#dddddd", label="job")
+            ax.broken_barh([(p["job"][0], end - p["job"][0])], (y - 0.4, 0.8), color="#dddddd",
+                           label="job (until completed: its run ended, its outcome written)")
             ax.broken_barh([(p["forward"][0], p["forward"][1] - p["forward"][0])], (y - 0.35, 0.35),
                            color="#1f77b4", label="forward pass (inference loop)")
             ax.broken_barh([(p["coco"][0], p["coco"][1] - p["coco"][0])], (y + 0.0, 0.35),
@@ -90,7 +91,7 @@ def draw(results: dict, path: Path) -> None:
                      f"({r['wall_s'] / r['forward_sum_s']:.2f}x)", fontsize=10)
         handles, labels = ax.get_legend_handles_labels()
         seen = dict(zip(labels, handles))
-        ax.legend(seen.values(), seen.keys(), fontsize=8, loc="lower right")
+        ax.legend(seen.values(), seen.keys(), fontsize=8, loc="upper right")
     axes[-1].set_xlabel("seconds since the sweep's start")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -103,8 +104,12 @@ def main() -> int:
     ap.add_argument("--points", default="0,0.3,0.5,0.7")
     ap.add_argument("--figure", type=Path, help="write the timelines here (PNG)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--redraw", type=Path, help="only draw --figure from a --json written before")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.redraw:
+        draw(json.loads(args.redraw.read_text()), args.figure)
+        return 0
     register_configs()
     setup_process()
     out = Path(tempfile.mkdtemp(prefix="bench-overlap-"))

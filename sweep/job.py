@@ -118,18 +118,20 @@ def allocate_layers(spec: JobSpec, ckpt: LoadedCheckpoint, memo: ProcessMemo, ev
 
 
 def account(model: nn.Module, spec: JobSpec, dense: dict[str, Any], dense_model: nn.Module
-            ) -> tuple[dict[str, Any], pd.DataFrame, Future]:
-    """Sparsity, size and cost figures of the FP32 model (before any FP16 cast), against the dense model's.
+            ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Sparsity and cost figures of the FP32 model (before any FP16 cast), against the dense model's.
 
-    The GFLOPs are the dense model's whenever the shapes are (every method but ``channel``); the stored and
-    compressed sizes (``torch.save`` + zstd, seconds for yolov5x) are computed in a background thread from the
-    state_dict taken now, off the job's critical path: the future's ``result()`` gives their metrics."""
+    The GFLOPs are the dense model's whenever the shapes are (every method but ``channel``). The stored and
+    compressed sizes are left out: :func:`size_figures` computes them off the critical path."""
     selected = list(select_convs(model, spec.prune.include, spec.prune.exclude))
-    acc, per_layer = accounting(model, selected, spec.eval.imgsz, spec.sparsity, reference=dense,
-                                reference_model=dense_model, sizes=False)
-    sizes = in_background(lambda state: dict(zip(("size_mb", "size_mb_compressed"), sizes_mb(state))),
-                          model.state_dict())
-    return acc, per_layer, sizes
+    return accounting(model, selected, spec.eval.imgsz, spec.sparsity, reference=dense, reference_model=dense_model,
+                      sizes=False)
+
+
+def size_figures(state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``size_mb`` and ``size_mb_compressed`` of a state_dict (``torch.save`` + zstd: seconds for yolov5x, so a
+    job runs it in a background thread on the state_dict taken at accounting time)."""
+    return dict(zip(("size_mb", "size_mb_compressed"), sizes_mb(state)))
 
 
 def in_background(fn: Callable[..., Any], *args: Any) -> Future:
@@ -292,7 +294,8 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Measured:
         dense_figures = memo.dense_accounting(spec.model.sha256, ckpt.model, ev.imgsz)
         dense_model = memo.dense_model(spec.model.sha256, ckpt.model)
     with sw.stage("accounting"):
-        acc, per_layer, sizes = account(model, spec, dense_figures, dense_model)
+        acc, per_layer = account(model, spec, dense_figures, dense_model)
+    sizes = in_background(size_figures, model.state_dict())  # evaluation changes no weight in place
     out = ctx.output_dir
     files: list[Path] = []
     with on_device(device):
