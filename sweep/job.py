@@ -440,21 +440,13 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
             reused = _hold_or_reuse(sink, spec, ctx)
             if reused is not None:
                 return reused
-    try:
+    with _run_ends_on_error(sink, ctx.output_dir):
         if sink is not None:
             sink.log(params=dict(spec.params))
         try:
             measured = measure(spec, ctx, memo)
         finally:  # the job's model and activations are gone: their cached blocks go back to the GPU
             release_cached_memory(torch.device(spec.eval.device))
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; submitit requeueing a preempted/timed-out job exits it
-        if sink is not None:
-            sink.end("KILLED", quick=True)
-        raise
-    except Exception as exc:
-        if sink is not None:
-            _record_failure(sink, ctx.output_dir, exc)
-        raise
     if memo.defer_completion and ctx.sweep_id:
         memo.deferred.append(lambda: _complete(spec, ctx, memo, sink, measured, deferred=True))
         return Outcome("deferred", spec.run_name, sink.run_id if sink else None)
@@ -466,32 +458,43 @@ def _complete(spec: JobSpec, ctx: JobContext, memo: ProcessMemo, sink: RunSink |
     """The job's end once its COCO numbers are in: artifacts, metrics and the run's end. A deferred job (see
     ``ProcessMemo.defer_completion``) also records its outcome here, and never raises: its failure is its own."""
     try:
-        metrics, files = complete_measure(spec, ctx, measured)
-        pending = False
-        if sink is not None:
-            sw = Stopwatch()
-            with sw.stage("logging"):
-                sink.log(metrics=metrics)
-                sink.log_artifacts(files)
-                pending = sink.end("FINISHED")
-            metrics.update(sw.as_metrics())
-            if pending:
-                memo.tracking_down.add(spec.track.uri)
+        with _run_ends_on_error(sink, ctx.output_dir):
+            metrics, files = complete_measure(spec, ctx, measured)
+            pending = False
+            if sink is not None:
+                sw = Stopwatch()
+                with sw.stage("logging"):
+                    sink.log(metrics=metrics)
+                    sink.log_artifacts(files)
+                    pending = sink.end("FINISHED")
+                metrics.update(sw.as_metrics())
+                if pending:
+                    memo.tracking_down.add(spec.track.uri)
         reason = f"upload pending: {sink.spooled}" if pending and sink is not None else ""
         outcome = Outcome("done", spec.run_name, sink.run_id if sink else None, reason, metrics, pending=pending)
-    except (KeyboardInterrupt, SystemExit):
-        if sink is not None:
-            sink.end("KILLED", quick=True)
-        raise
     except Exception as exc:
-        if sink is not None:
-            _record_failure(sink, ctx.output_dir, exc)
         if not deferred:
             raise
         outcome = failed_outcome(spec.run_name, exc)
     if deferred:
         report_outcome(outcome, ctx)
     return outcome
+
+
+@contextlib.contextmanager
+def _run_ends_on_error(sink: RunSink | None, output_dir: Path) -> Iterator[None]:
+    """An interruption inside the block ends the job's run KILLED (Ctrl-C; submitit requeueing a preempted or
+    timed-out job exits it), an error FAILED with its traceback; both are raised on."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        if sink is not None:
+            sink.end("KILLED", quick=True)
+        raise
+    except Exception as exc:
+        if sink is not None:
+            _record_failure(sink, output_dir, exc)
+        raise
 
 
 def _finished_point(tracker: Tracker, spec: JobSpec, ctx: JobContext) -> Outcome | None:
