@@ -12,7 +12,7 @@ images/s it reaches is what the tool could do with an infinitely fast model.
 The recording (the dense fused yolov5n run once over coco-val128's batches on the benchmark's device, FP32 on
 the CPU, FP16 on CUDA) is cached in the git-ignored ``benchmarks/.pipeline/``. The batches are read from a
 preprocessed cache in a temporary folder, built before the timed run (``--source cache``: what a job streams
-for a set larger than ``sweep.memo.MAX_CACHED_BYTES``, e.g. COCO val2017 at 640) or from memory
+for a set larger than ``eval.cache_gb``, e.g. COCO val2017 at 640) or from memory
 (``--source memory``: the memo's path for a set that fits).
 
 Everything that touches the APIs other branches are changing (``run_inference``, ``CocoEvaluator``, the batch
@@ -58,7 +58,7 @@ ID_STRIDE = 10**7  # image id of repetition r = original id + r * ID_STRIDE (COC
 
 def source_pass(memo: ProcessMemo, data: EvalData, preprocessed: Path, source: str) -> Iterable[Batch]:
     """One pass over the small set's decoded batches, in order, as a job reads them."""
-    if source == "cache":  # what memo.batches streams every pass for a set beyond MAX_CACHED_BYTES
+    if source == "cache":  # what memo.batches streams every pass for a set beyond eval.cache_gb
         return PreprocessedCache(preprocessed).batches(data.dataset)
     return memo.batches(data, preprocessed)  # in memory after the first full pass
 

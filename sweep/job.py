@@ -309,8 +309,8 @@ def measure(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Measured:
         with gc_paused():  # the result rows live and die inside this block, unseen by the collector
             t_loop = time.time()
             with sw.stage("inference_loop"):
-                loop = evaluate(model, data, memo.batches(data, ev.preprocessed), ev, device, evaluator,
-                                f"{spec.model.name} s={contract.sparsity_label(spec.sparsity)}")
+                loop = evaluate(model, data, memo.batches(data, ev.preprocessed, ev.cache_bytes), ev, device,
+                                evaluator, f"{spec.model.name} s={contract.sparsity_label(spec.sparsity)}")
             forward_span = (t_loop, time.time())
             if ev.save_json:
                 (out / "predictions.json").write_text(evaluator.predictions_json())

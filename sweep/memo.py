@@ -3,7 +3,7 @@
 With the default (sequential) launcher every job of a multirun runs in one process. The
 ``ProcessMemo`` keeps what does not depend on the pruning: each weights file hashed once, each
 checkpoint loaded once (every job deep-copies its model), the dense model's cost figures, each
-dataset scanned once and its decoded batches (in memory when they fit ``MAX_CACHED_BYTES``,
+dataset scanned once and its decoded batches (in memory when they fit ``eval.cache_gb``,
 else streamed from the on-disk cache every pass, holding nothing), the calibration images, and the
 sensitivity curves of ``prune=sensitivity`` (also kept on disk, measured once per model and images).
 It resolves nothing and checks nothing itself: ``sweep.config.resolve`` decides what to open.
@@ -33,10 +33,6 @@ from sweep.prune.sensitivity import Curve, CurveStore, curve_key
 from sweep.recover import Calibration, calibration_images
 
 log = logging.getLogger(__name__)
-
-# Keep decoded batches in memory only up to this many bytes (COCO val2017 at 640 is ~4.6 GB).
-MAX_CACHED_BYTES = 3 * 1024**3
-
 
 @dataclass
 class EvalData:
@@ -157,14 +153,18 @@ class ProcessMemo:
         self.data[key] = data
         return data
 
-    def batches(self, data: EvalData, preprocessed: Path | None) -> Iterable[Batch]:
-        """Decoded batches: from memory after a first full pass when they fit ``MAX_CACHED_BYTES``;
-        else from the on-disk cache under ``preprocessed`` (when given and writable); else decoded."""
-        if data.batches is not None:
+    def batches(self, data: EvalData, preprocessed: Path | None, limit_bytes: int = EvalSpec.cache_bytes
+                ) -> Iterable[Batch]:
+        """Decoded batches: from memory after a first full pass when the set fits ``limit_bytes``
+        (``eval.cache_gb``); else from the on-disk cache under ``preprocessed`` (when given and writable);
+        else decoded."""
+        fits = data.dataset.nbytes <= limit_bytes
+        if data.batches is not None and fits:
             return data.batches
+        data.batches = None  # a smaller limit than a previous job's: let go of what it kept
         source = self._decoded(data.dataset, preprocessed)
-        if data.dataset.nbytes > MAX_CACHED_BYTES:
-            return source  # streamed every pass: nothing is held beyond the batch in use
+        if not fits:
+            return source  # streamed every pass: nothing is held beyond the batches in flight
         return self._pass_and_keep(data, source)
 
     @staticmethod

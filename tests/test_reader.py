@@ -79,3 +79,38 @@ def test_pinning_replaces_images_on_a_copy_of_the_batch():
     src = [_B(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), 0)]
     out = list(read_ahead(src, pin=True))
     assert out[0].images.is_pinned() and not src[0].images.is_pinned()
+
+
+@pytest.mark.parametrize("cache_gb,kept", [("3", True), ("0", False)])
+def test_decoded_batches_are_kept_for_later_points_only_when_they_fit_eval_cache_gb(tmp_path, assets, cache_gb, kept):
+    """Within the limit a pass keeps the decoded batches for the process's later points; beyond it (here 0)
+    every pass streams them and the memo holds none of them; a later job with a smaller limit lets go."""
+    from helpers import make_cfg
+
+    from sweep.config.resolve import resolve_job
+    from sweep.memo import ProcessMemo
+
+    memo = ProcessMemo()
+    spec = resolve_job(make_cfg(tmp_path, "model=yolov5n", "data=coco-val128", "data.limit=8", "eval.imgsz=320",
+                                "mlflow.enabled=false", f"eval.cache_gb={cache_gb}"), memo)
+    ev = spec.eval
+    ckpt = memo.checkpoint(spec.model.weights, spec.model.sha256)
+    data = memo.eval_data(spec.data, ev, int(ckpt.stride.max()), ckpt.names, spec.model.weights)
+    first = [b.image_ids for b in read_ahead(memo.batches(data, ev.preprocessed, ev.cache_bytes))]
+    assert (data.batches is not None) is kept
+    second = [b.image_ids for b in memo.batches(data, ev.preprocessed, ev.cache_bytes)]
+    assert first == second and sum(map(len, first)) == 8
+    if kept:
+        list(memo.batches(data, ev.preprocessed, 0))  # a later job with eval.cache_gb=0
+        assert data.batches is None
+
+
+def test_a_negative_cache_limit_is_refused_with_the_key(tmp_path):
+    from helpers import make_cfg
+
+    from sweep.config.resolve import resolve_job
+    from sweep.config.schema import ConfigError
+    from sweep.memo import ProcessMemo
+
+    with pytest.raises(ConfigError, match=r"eval.cache_gb=-1.*GiB >= 0"):
+        resolve_job(make_cfg(tmp_path, "eval.cache_gb=-1", "mlflow.enabled=false"), ProcessMemo())

@@ -92,6 +92,8 @@ def _check_values(c: Mapping[str, Any]) -> None:
         _check(0.0 <= v <= 1.0 and not math.isnan(v), f"eval.{key}", v, "a number in [0, 1]")
     _check(e["max_det"] >= 1, "eval.max_det", e["max_det"], "an integer >= 1")
     _check(e["workers"] is None or e["workers"] >= 0, "eval.workers", e["workers"], "an integer >= 0 or null")
+    _check(isinstance(e["cache_gb"], (int, float)) and e["cache_gb"] >= 0 and not math.isnan(e["cache_gb"]),
+           "eval.cache_gb", e["cache_gb"], "a number of GiB >= 0 (0: never keep decoded batches in memory)")
     _check(e["latency_iters"] >= 1, "eval.latency_iters", e["latency_iters"], "an integer >= 1")
     b = e["bootstrap"]
     _check(isinstance(b, int) and not isinstance(b, bool) and b >= 0, "eval.bootstrap", b,
@@ -537,7 +539,8 @@ def resolve_job(cfg: DictConfig, memo: Any) -> JobSpec:
                           str(device), half, str(e["backend"]), decode_threads(e["workers"]), bool(e["save_json"]),
                           bool(e["latency"]), int(e["latency_iters"]), bool(e["progress"]),
                           preprocessed_dir(c["paths"]["preprocessed"]), tuple(e["runtimes"]), int(e["bootstrap"]),
-                          bool(e["profile"]), bool(e["coco_worker"]), bool(claim is not None and claim.shared))
+                          bool(e["profile"]), bool(e["coco_worker"]), int(float(e["cache_gb"]) * 1024**3),
+                          bool(claim is not None and claim.shared))
     eval_data = memo.eval_data(data, evaluation, stride, ckpt.names, model.weights)  # scans every label now
     memo.calibration(recover, evaluation, eval_data.files, device, ckpt.names)  # refuses evaluation images now
     memo.calibration(prune.calibration, evaluation, eval_data.files, device, ckpt.names)  # sensitivity's images

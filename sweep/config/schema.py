@@ -149,6 +149,10 @@ class EvalConfig:
     # the COCO evaluation in a worker process (spawned once per process), overlapping the job's later stages
     # and, in a sequential sweep, the next point; false: in the job's own process, one stage after the other
     coco_worker: bool = True
+    # decoded batches kept in host memory for the process's later points, when the whole set fits this many GiB
+    # (coco-val128 at 640: 0.15; COCO val2017 at 640: ~4.7); beyond it they are streamed every pass (from the
+    # preprocessed cache) and nothing is held past the batches in flight; 0: never kept
+    cache_gb: float = 3.0
 
 
 @dataclass

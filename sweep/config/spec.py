@@ -112,6 +112,7 @@ class EvalSpec:
     bootstrap: int = 0        # image resamples for the COCO numbers' confidence intervals, 0: none
     profile: bool = False     # per-layer time breakdown (torch.profiler) of the model and its dense reference
     coco_worker: bool = True  # COCO evaluation in a worker process (overlapped), else in this one
+    cache_bytes: int = 3 * 1024**3  # decoded batches kept in memory up to this size (eval.cache_gb)
     gpu_shared: bool = False  # resolved: this process's claimed GPU is also claimed by another process
 
 
