@@ -415,6 +415,8 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
 
     A tracking store that does not answer within ``mlflow.retry_window`` never stops the job: it keeps
     evaluating and its complete record waits in the spool (``Outcome.pending``) until an upload."""
+    if memo.is_deferred(spec.config_hash):  # the same point earlier in this sweep (e.g. the dense point of two
+        memo.complete_deferred()            # methods): finished first, so resume reuses it instead of waiting
     tracker = connect(spec.track, memo) if spec.track.enabled else None
     if tracker is not None:
         try:
@@ -448,7 +450,7 @@ def execute(spec: JobSpec, ctx: JobContext, memo: ProcessMemo) -> Outcome:
         finally:  # the job's model and activations are gone: their cached blocks go back to the GPU
             release_cached_memory(torch.device(spec.eval.device))
     if memo.defer_completion and ctx.sweep_id:
-        memo.deferred.append(lambda: _complete(spec, ctx, memo, sink, measured, deferred=True))
+        memo.deferred.append((spec.config_hash, lambda: _complete(spec, ctx, memo, sink, measured, deferred=True)))
         return Outcome("deferred", spec.run_name, sink.run_id if sink else None)
     return _complete(spec, ctx, memo, sink, measured, deferred=False)
 

@@ -76,12 +76,17 @@ class ProcessMemo:
     # then leaves its completion (waiting for its COCO numbers, logging them, ending its run) to run after the
     # next point's forward pass, or at the sweep's end (``complete_deferred``).
     defer_completion: bool = False
-    deferred: list[Callable[[], Any]] = field(default_factory=list)
+    deferred: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)  # (config hash, complete)
 
     def complete_deferred(self) -> None:
         """Complete every deferred job, oldest first (each records its own failure; none raises)."""
         while self.deferred:
-            self.deferred.pop(0)()
+            self.deferred.pop(0)[1]()
+
+    def is_deferred(self, config_hash: str) -> bool:
+        """A job of this config hash waits here for its completion (a later job of the same point must not
+        wait for its run: it would wait for itself)."""
+        return any(h == config_hash for h, _ in self.deferred)
 
     # -- device -------------------------------------------------------------------------------
     def gpu_claim(self) -> GpuClaim:

@@ -91,3 +91,18 @@ def test_a_job_gives_the_same_numbers_with_the_worker_or_without(tmp_path, asset
     assert round(out.metrics["mAP50-95"], 4) == 0.1979
     assert out.metrics["seconds_coco_wait"] >= 0 and out.metrics["size_mb_compressed"] > 0
 
+
+
+def test_the_same_point_twice_in_a_sequential_sweep_is_evaluated_once_not_waited_for_forever(tmp_path, assets):
+    """Regression: two methods at sparsity 0 are one point (one config hash). The second job found the first
+    one's run still RUNNING (its completion deferred until after the next forward pass, in this very process)
+    and would wait for it forever; it now completes the first job and reuses its result."""
+    from helpers import run_cli, runs
+
+    out = tmp_path / "outputs"
+    p = run_cli(out, "-m", "model=yolov5n", "data=coco-val128", "data.limit=8", "eval.imgsz=320", "report=false",
+                "prune=l1_unstructured,global_l1", "sparsity=0", sweep_dir=tmp_path / "s1", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 done, 1 skipped, 0 failed" in p.stdout
+    finished = runs(out, filter_string="attributes.status = 'FINISHED' and tags.`sweep.role` = 'job'")
+    assert len(finished) == 1

@@ -4,9 +4,9 @@ profile, export) and, in a sequential sweep, the next point's load, prune and fo
 One worker per process that asks (the sequential launcher's process, each joblib or Slurm worker), started
 on first use with ``spawn`` (never a fork of a process with CUDA and OpenMP threads), evaluating one point at
 a time in order. The ground truth crosses once per dataset: the worker keeps the last one by its key; the
-detections cross as columns (a few arrays, not a million dicts). The worker ignores Ctrl-C (the sweep decides
-what an interruption means) and ends with its parent. If it cannot run, or dies, the evaluation runs in this
-process instead, with a warning: slower, never lost.
+detections cross as columns (a few arrays, not a million dicts). The worker ignores Ctrl-C and SIGTERM (the
+sweep decides what an interruption means) and ends with its parent. If it cannot run, or dies, the evaluation
+runs in this process instead, with a warning: slower, never lost.
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ class Evaluated:
 
 
 def _quiet_worker() -> None:
+    # Ctrl-C reaches the whole process group, and Slurm's or timeout's SIGTERM every process: the sweep decides
+    # what an interruption means (it completes the jobs waiting for this worker first, then ends it: stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _evaluate_in_worker(key: str, ground_truth: dict[str, Any] | None, columns: CocoColumns, image_ids: list,
@@ -154,7 +157,7 @@ class CocoWorker:
             pool, self._pool, self._sent = self._pool, None, None
         if pool is not None:
             for proc in list(getattr(pool, "_processes", {}).values()):  # no public way before Python 3.14
-                proc.terminate()
+                proc.kill()  # it ignores SIGTERM
             pool.shutdown(wait=False, cancel_futures=True)
 
     def shutdown(self) -> None:
