@@ -53,24 +53,10 @@ def nms_image(x: torch.Tensor, conf_thres: float = 0.001, iou_thres: float = 0.6
     """
     if x.dim() != 2 or x.shape[1] < 6:
         raise ValueError(f"x must be [N, 5 + nc], got {tuple(x.shape)}")
-    multi_label = multi_label and x.shape[1] - 5 > 1
-    x = x[x[:, 4] > conf_thres]  # boolean indexing copies: the in-place ops below leave the input alone
-    if not x.shape[0]:
+    cand, _ = _candidates(x[None], conf_thres, multi_label and x.shape[1] - 5 > 1)  # a copy: x is left alone
+    if not cand.shape[0]:
         return torch.zeros((0, 6), device=x.device)
-    x[:, 5:] *= x[:, 4:5]
-    box = torchvision.ops.box_convert(x[:, :4], "cxcywh", "xyxy")
-    if multi_label:
-        i, j = (x[:, 5:] > conf_thres).nonzero(as_tuple=False).T
-        x = torch.cat((box[i], x[i, j + 5, None], j[:, None].float()), 1)
-    else:
-        conf, j = x[:, 5:].max(1, keepdim=True)
-        x = torch.cat((box, conf, j.float()), 1)[conf.view(-1) > conf_thres]
-    if not x.shape[0]:
-        return torch.zeros((0, 6), device=x.device)
-    x = x[x[:, 4].argsort(descending=True)[:max_nms]]
-    c = x[:, 5:6] * (0 if agnostic else max_wh)
-    keep = torchvision.ops.nms(x[:, :4] + c, x[:, 4], iou_thres)
-    return x[keep[:max_det]]
+    return _nms_candidates(cand, iou_thres, max_det, max_nms, max_wh, agnostic)
 
 
 def scale_boxes(boxes: torch.Tensor, ratio_pad: RatioPad, shape0: Sequence[int]) -> torch.Tensor:
@@ -143,13 +129,14 @@ class Detections:
 
 
 def _candidates(pred: torch.Tensor, conf_thres: float, multi_label: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first steps of :func:`nms_image` for every image of ``pred`` [B, N, 5 + nc] at once.
+    """val.py's candidate selection (the steps of NMS before its sort) for every image of ``pred``
+    [B, N, 5 + nc] at once: objectness ``> conf_thres``, class scores ``*=`` objectness, cxcywh -> xyxy,
+    multi-label (row, class) pairs or the best class per row.
 
-    Returns ``cand`` [m, 6] (x1, y1, x2, y2, score, class; input pixels; float32, as :func:`nms_image`'s
-    concatenation with a float32 class column promotes FP16) and
-    ``image`` int64 [m], grouped by image in image order; within an image the rows are exactly
-    the candidates (values and order) :func:`nms_image` builds before its sort. Every operation is
-    elementwise or row-wise, so running it on the concatenated rows of all images changes no value.
+    Returns ``cand`` [m, 6] (x1, y1, x2, y2, score, class; input pixels; float32: the float32 class column
+    promotes FP16, as in val.py's concatenation) and ``image`` int64 [m], grouped by image in image order,
+    each image's rows in val.py's order. Every operation is elementwise or row-wise, so the rows of one image
+    are the same whether it runs alone (:func:`nms_image`) or in a batch (:func:`postprocess_batch`).
     """
     keep = pred[..., 4] > conf_thres                 # [B, N], strictly greater as val.py
     image = keep.nonzero()[:, 0]                     # row-major: grouped by image, rows in order
@@ -166,8 +153,8 @@ def _candidates(pred: torch.Tensor, conf_thres: float, multi_label: bool) -> tup
 
 def _nms_candidates(x: torch.Tensor, iou_thres: float, max_det: int, max_nms: int, max_wh: int,
                     agnostic: bool) -> torch.Tensor:
-    """The last steps of :func:`nms_image` on one image's candidates ``x`` [m, 6] (m > 0):
-    the same sort, ``max_nms`` cut, class offsets, ``torchvision.ops.nms`` and ``max_det`` cut."""
+    """The rest of val.py's NMS on one image's candidates ``x`` [m, 6] (m > 0): the sort
+    (``argsort(descending=True)``), ``max_nms`` cut, class offsets, ``torchvision.ops.nms``, ``max_det`` cut."""
     x = x[x[:, 4].argsort(descending=True)[:max_nms]]
     c = x[:, 5:6] * (0 if agnostic else max_wh)
     keep = torchvision.ops.nms(x[:, :4] + c, x[:, 4], iou_thres)
