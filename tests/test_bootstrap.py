@@ -94,8 +94,8 @@ def test_the_interval_contains_the_estimate_and_is_seeded(detections):
     assert again.intervals == res.intervals                         # fixed seed: the same interval
     assert C.with_interval(gt, rows, ids, 200, seed=1).intervals != res.intervals
     assert res.stats == C._pycocotools(gt, rows, ids).stats             # the point estimate is untouched
-    # the evaluator: a bootstrap runs through pycocotools whatever the backend; no detections give 0 intervals
-    via = C.CocoEvaluator(gt, "faster", ids, bootstrap=200, rows=[dict(r) for r in rows]).evaluate()
+    # the evaluation: a bootstrap runs through pycocotools whatever the backend; no detections give 0 intervals
+    via = C.evaluate_columns(gt, C.CocoColumns.from_rows(rows), ids, "faster", bootstrap=200)
     assert via.intervals == res.intervals and via.resamples == 200 and via.stats == res.stats
     empty = C.CocoEvaluator(gt, "faster", ids, bootstrap=200).evaluate()
     assert empty.resamples == 200 and empty.intervals == {k: (0.0, 0.0) for k in C.STAT_NAMES}

@@ -127,19 +127,6 @@ class CocoColumns:
                    np.asarray([r["score"] for r in rows], dtype=np.float64),
                    np.asarray([r["category_id"] for r in rows], dtype=np.int64))
 
-    @classmethod
-    def concat(cls, parts: Sequence[CocoColumns]) -> CocoColumns:
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return cls.empty()
-        if len(parts) == 1:
-            return parts[0]
-        ids = [p.image_id for p in parts]
-        image_id = (np.concatenate(ids) if all(i.dtype != object for i in ids)
-                    else np.concatenate([i.astype(object) for i in ids]))
-        return cls(image_id, np.concatenate([p.bbox for p in parts]), np.concatenate([p.score for p in parts]),
-                   np.concatenate([p.category_id for p in parts]))
-
     def rows(self) -> list[dict[str, Any]]:
         """The rows as val.py writes them (its keys, key order and Python types)."""
         return [{"image_id": i, "category_id": c, "bbox": b, "score": s}
@@ -193,8 +180,7 @@ class CocoEvaluator:
     ``ground_truth`` is a COCO-format dict (``images``, ``annotations``, ``categories``);
     ``image_ids`` restricts the evaluation to those images (val.py sets ``params.imgIds``
     to the dataset's images; ``None``: every image of the ground truth); ``class_map`` maps a
-    class index to its category id (``None``: the identity). ``rows``: result rows made elsewhere
-    (val.py's dicts), evaluated before the processed detections.
+    class index to its category id (``None``: the identity).
     """
 
     ground_truth: dict[str, Any]
@@ -202,12 +188,10 @@ class CocoEvaluator:
     image_ids: list[int | str] | None = None
     class_map: Sequence[int] | None = None
     bootstrap: int = 0   # image resamples for confidence intervals (0: none)
-    rows: list[dict[str, Any]] = field(default_factory=list)
     _batches: list[tuple[list[Any], Detections]] = field(default_factory=list, init=False, repr=False)
     _columns: CocoColumns | None = field(default=None, init=False, repr=False)
 
     def reset(self) -> None:
-        self.rows = []
         self._batches = []
         self._columns = None
 
@@ -220,18 +204,17 @@ class CocoEvaluator:
         self._columns = None
 
     def columns(self) -> CocoColumns:
-        """Everything collected, as val.py's result values in columns (``rows`` first, then the batches)."""
+        """Everything collected, as val.py's result values in columns."""
         if self._columns is None:
-            parts = [CocoColumns.from_rows(self.rows)] if self.rows else []
-            if self._batches:
-                ids = _id_array([i for batch_ids, _ in self._batches for i in batch_ids])
-                offsets = np.cumsum([0] + [len(b) for b, _ in self._batches[:-1]])
-                pos = np.concatenate([off + d.image_index for off, (_, d) in zip(offsets, self._batches)])
-                dets = [d for _, d in self._batches]
-                parts.append(coco_columns(ids[pos], np.concatenate([d.boxes for d in dets]),
-                                          np.concatenate([d.scores for d in dets]),
-                                          np.concatenate([d.classes for d in dets]), self.class_map))
-            self._columns = CocoColumns.concat(parts)
+            if not self._batches:
+                return CocoColumns.empty()
+            ids = _id_array([i for batch_ids, _ in self._batches for i in batch_ids])
+            offsets = np.cumsum([0] + [len(b) for b, _ in self._batches[:-1]])
+            pos = np.concatenate([off + d.image_index for off, (_, d) in zip(offsets, self._batches)])
+            dets = [d for _, d in self._batches]
+            self._columns = coco_columns(ids[pos], np.concatenate([d.boxes for d in dets]),
+                                         np.concatenate([d.scores for d in dets]),
+                                         np.concatenate([d.classes for d in dets]), self.class_map)
         return self._columns
 
     def predictions_json(self) -> str:
