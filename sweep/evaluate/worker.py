@@ -50,14 +50,18 @@ def _quiet_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _evaluate(where: str, ground_truth: dict[str, Any], columns: CocoColumns, image_ids: list, backend: str,
+              bootstrap: int) -> Evaluated:
+    t0 = time.time()
+    return Evaluated(evaluate_columns(ground_truth, columns, image_ids, backend, bootstrap), t0, time.time(), where)
+
+
 def _evaluate_in_worker(key: str, ground_truth: dict[str, Any] | None, columns: CocoColumns, image_ids: list,
                         backend: str, bootstrap: int) -> Evaluated:
     if ground_truth is not None:
         _WORKER_GROUND_TRUTH.clear()
         _WORKER_GROUND_TRUTH[key] = ground_truth
-    t0 = time.time()
-    result = evaluate_columns(_WORKER_GROUND_TRUTH[key], columns, image_ids, backend, bootstrap)
-    return Evaluated(result, t0, time.time(), "worker")
+    return _evaluate("worker", _WORKER_GROUND_TRUTH[key], columns, image_ids, backend, bootstrap)
 
 
 class PendingEvaluation:
@@ -66,9 +70,6 @@ class PendingEvaluation:
 
     def __init__(self, future: Future | None, here: Callable[[], Evaluated]) -> None:
         self._future, self._here, self._value = future, here, None if future is not None else here()
-
-    def done(self) -> bool:
-        return self._value is not None or (self._future is not None and self._future.done())
 
     def result(self) -> Evaluated:
         if self._value is None:
@@ -124,9 +125,7 @@ class CocoWorker:
             if not self._worked:  # died before it ever evaluated: do not start one per job in vain
                 self._disabled = True
             self._drop()  # a worker that died after working is replaced at the next submit
-            t0 = time.time()
-            return Evaluated(evaluate_columns(ground_truth, columns, ids, backend, bootstrap), t0, time.time(),
-                             "in-process")
+            return _evaluate("in-process", ground_truth, columns, ids, backend, bootstrap)
 
         if self._disabled:
             return PendingEvaluation(None, here)
@@ -145,20 +144,19 @@ class CocoWorker:
         if not future.cancelled() and future.exception() is None:
             self._worked = True
 
-    def _drop(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool, self._sent = None, None
+    def _drop(self, kill: bool = False) -> None:
+        with self._lock:
+            pool, self._pool, self._sent = self._pool, None, None
+        if pool is not None:
+            if kill:
+                for proc in list(getattr(pool, "_processes", {}).values()):  # no public way before Python 3.14
+                    proc.kill()  # it ignores SIGTERM
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def stop(self) -> None:
         """End the worker now, dropping what it has not evaluated (an interrupted sweep, after the jobs that
         waited for it were completed): exiting then does not wait for a worker still importing its modules."""
-        with self._lock:
-            pool, self._pool, self._sent = self._pool, None, None
-        if pool is not None:
-            for proc in list(getattr(pool, "_processes", {}).values()):  # no public way before Python 3.14
-                proc.kill()  # it ignores SIGTERM
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._drop(kill=True)
 
     def shutdown(self) -> None:
         """Wait for the submitted evaluations, then end the worker."""
@@ -170,12 +168,8 @@ class CocoWorker:
 def evaluate_here(ground_truth: dict[str, Any], columns: CocoColumns, image_ids: Sequence[Any], backend: str,
                   bootstrap: int) -> PendingEvaluation:
     """The same evaluation in this process, now (``eval.coco_worker=false``)."""
-    def here() -> Evaluated:
-        t0 = time.time()
-        return Evaluated(evaluate_columns(ground_truth, columns, list(image_ids), backend, bootstrap), t0,
-                         time.time(), "in-process")
-
-    return PendingEvaluation(None, here)
+    return PendingEvaluation(None, lambda: _evaluate("in-process", ground_truth, columns, list(image_ids), backend,
+                                                     bootstrap))
 
 
 _PER_PROCESS: dict[int, CocoWorker] = {}
