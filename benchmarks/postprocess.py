@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from sweep.assets import cache_root
 from sweep.data import Dataset, load_ground_truth
 from sweep.evaluate.coco import CocoEvaluator
 from sweep.evaluate.loop import gc_paused, run_inference
@@ -24,7 +23,7 @@ from sweep.model.yolo import fuse
 
 
 def main() -> None:
-    assets = Path(os.environ.get("SWEEP_CACHE", "../shared/assets"))
+    assets = cache_root(None)  # $SWEEP_CACHE, else the user cache, as the tool resolves it
     ck = load_checkpoint(assets / "weights" / "yolov5n.pt")
     model = fuse(copy.deepcopy(ck.model)).float().eval()
     ds = Dataset(assets / "datasets" / "coco-val128" / "images" / "val2017", names=ck.names, imgsz=640, batch=32,
